@@ -1,0 +1,259 @@
+"""UserLM-8b's chat format: the one module that renders, tokenizes and masks it.
+
+data_prep, train and evaluate all import this module; nothing else spells out the format.
+
+The format (shared/reference/userlm-paper.md, section 3):
+- no BOS token;
+- each message is  <|start_header_id|>ROLE<|end_header_id|> + "\\n" + content + <|eot_id|>,
+  with the real roles: system (the task intent), user, assistant;
+- a prompt always ends with  <|start_header_id|>user<|end_header_id|>  (no newline), so a
+  generated user turn is "\\n" + text + <|eot_id|> and the end of a conversation is
+  "\\n<|endconversation|><|eot_id|>".
+
+Two renderings exist of necessity: the Jinja template that tokenizers carry (for inference with
+`apply_chat_template`, as in UserLM-8b's published snippet) and the token-level assembly below (for
+data preparation at scale, where each message is tokenized once). Both are built from the same
+constants, and tests/test_chat_format.py proves that they agree token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from tokenizers import AddedToken
+
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+END_CONVERSATION = "<|endconversation|>"
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+ROLES = (SYSTEM, USER, ASSISTANT)
+# Strings that must never occur inside message content: tokenizing them would create control
+# tokens, and the text would no longer round-trip. data_prep drops (and counts) such rows.
+CONTROL_STRINGS = (START_HEADER, END_HEADER, EOT, END_CONVERSATION, BEGIN_OF_TEXT, END_OF_TEXT)
+IGNORE_INDEX = -100  # label of a token that carries no loss
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '" + START_HEADER + "' + message['role'] + '" + END_HEADER + "\\n' + message['content'] + '"
+    + EOT + "' -}}"
+    "{%- endfor -%}"
+    # UserLM-8b's template ends every prompt with the user header, whatever add_generation_prompt says.
+    "{{- '" + START_HEADER + USER + END_HEADER + "' -}}"
+)
+
+
+def prepare_tokenizer(tokenizer, pad_token: str):
+    """Make a (Llama-3 style) tokenizer speak UserLM-8b's format, in place, and return it.
+
+    Adds <|endconversation|> as one non-special token (so `skip_special_tokens` keeps it), installs
+    the chat template, makes <|eot_id|> the EOS and sets a pad token that is not the EOS. Idempotent.
+    Adding tokens grows the vocabulary: the model's embeddings must be resized to match
+    (train.model.load_model does that).
+    """
+    vocab = tokenizer.get_vocab()
+    for required in (START_HEADER, END_HEADER, EOT):
+        if required not in vocab:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no {required} token: "
+                             "UserLM's format needs a Llama-3 tokenizer")
+    if END_CONVERSATION not in vocab:
+        tokenizer.add_tokens([AddedToken(END_CONVERSATION, special=False, normalized=False)])
+    if pad_token == EOT:
+        raise ValueError("pad_token must differ from the EOS token <|eot_id|>")
+    if pad_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+    tokenizer.pad_token = pad_token
+    tokenizer.eos_token = EOT
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def conversation_messages(intent: str | None, turns: Sequence[dict], ended: bool) -> list[dict]:
+    """The message list of a flipped conversation: intent as system, the turns, then the end token.
+
+    `turns` alternate user/assistant starting with user. `ended` appends the user's final
+    <|endconversation|> turn (only for conversations whose last turn was answered).
+    """
+    messages = [] if intent is None else [{"role": SYSTEM, "content": intent}]
+    messages += [{"role": t["role"], "content": t["content"]} for t in turns]
+    if ended:
+        messages.append({"role": USER, "content": END_CONVERSATION})
+    return messages
+
+
+def is_user_turn(message: dict) -> bool:
+    """The user LM's training predicate: loss on user turns (and the end token), nothing else."""
+    return message["role"] == USER
+
+
+@dataclass
+class Example:
+    """One tokenized training/scoring sequence.
+
+    `target_turn[i]` is the index (0-based, among the user messages of the conversation, the end
+    token counting as the last) of the user turn that label i belongs to, or -1 for context.
+    """
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    target_turn: list[int] = field(default_factory=list)
+    truncated: bool = False
+
+    def add_cut(self, part: "_Part", budget: int) -> None:
+        """Add a message that alone exceeds `budget` tokens, keeping the beginning of its body."""
+        self.add(part.header, None)
+        self.add(part.body[:max(budget - len(part.header), 0)], part.target)
+        self.truncated = True
+
+    def add(self, ids: Sequence[int], turn: int | None) -> None:
+        self.input_ids += ids
+        if turn is None:
+            self.labels += [IGNORE_INDEX] * len(ids)
+            self.target_turn += [-1] * len(ids)
+        else:
+            self.labels += ids
+            self.target_turn += [turn] * len(ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for t in self.target_turn if t >= 0)
+
+    @property
+    def target_turns(self) -> list[int]:
+        return sorted(set(t for t in self.target_turn if t >= 0))
+
+
+class ChatEncoder:
+    """Token-level assembly of the chat format for one tokenizer.
+
+    Each message is tokenized once as its *body*, "\\n" + content + <|eot_id|>; the header before
+    it is a fixed token list per role. Headers and bodies are split at special tokens, which every
+    HF tokenizer treats as hard boundaries, so the concatenation equals tokenizing the rendered text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.header_ids = {role: self._encode(START_HEADER + role + END_HEADER) for role in ROLES}
+        self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_bodies(self, contents: Sequence[str]) -> list[list[int]]:
+        """Body token ids ("\\n" + content + <|eot_id|>) of many messages in one batched call."""
+        encoded = self.tokenizer(["\n" + c for c in contents], add_special_tokens=False)["input_ids"]
+        return [ids + [self.eot_id] for ids in encoded]
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of `apply_chat_template(messages)`: the messages, then the user header."""
+        bodies = self.encode_bodies([m["content"] for m in messages])
+        ids: list[int] = []
+        for message, body in zip(messages, bodies):
+            ids += self.header_ids[message["role"]] + body
+        return ids + self.header_ids[USER]
+
+    def flip(self, messages: Sequence[dict], mode: str, max_seq_len: int,
+             train_on: Callable[[dict], bool] = is_user_turn,
+             bodies: Sequence[list[int]] | None = None) -> list[Example]:
+        """Flip one conversation into examples whose labels are the `train_on` messages.
+
+        messages: from `conversation_messages` (an optional leading system message, then turns).
+        mode "per_turn": one example per target message (the paper's K+1 samples), its context
+            the messages before it. Over max_seq_len the system message stays, the oldest whole
+            messages of history are dropped, and a target that alone does not fit is cut (keeping
+            its beginning, without <|eot_id|>).
+        mode "per_conversation": one sequence with every target message labelled (the same loss
+            terms in one forward pass). Over max_seq_len it is split at message boundaries into
+            windows; each restarts with the system message, then the message just before its first
+            target as context (when that fits in half the window), then whole messages; a message
+            that fills a window alone is cut like a per_turn target.
+        Examples that lost anything to max_seq_len are marked `truncated`.
+        bodies: precomputed `encode_bodies` of the messages' contents (batched by the caller).
+        """
+        if bodies is None:
+            bodies = self.encode_bodies([m["content"] for m in messages])
+        parts, number = [], 0
+        for message, body in zip(messages, bodies):
+            target = None
+            if message["role"] != SYSTEM and train_on(message):
+                target, number = number, number + 1
+            parts.append(_Part(self.header_ids[message["role"]], list(body), target))
+        has_system = bool(messages) and messages[0]["role"] == SYSTEM
+        system = parts[0].ids if has_system else []
+        turns = parts[1:] if has_system else parts
+        if len(system) + 2 * (len(self.header_ids[USER]) + 1) > max_seq_len:
+            raise ValueError(f"the system message ({len(system)} tokens) leaves no room in "
+                             f"max_seq_len={max_seq_len}")
+        if mode == "per_turn":
+            return [self._with_history(system, turns, i, max_seq_len)
+                    for i, part in enumerate(turns) if part.target is not None]
+        if mode == "per_conversation":
+            return self._windows(system, turns, max_seq_len)
+        raise ValueError(f"unknown flip mode {mode!r}: expected per_turn or per_conversation")
+
+    @staticmethod
+    def _with_history(system: list[int], turns: list[_Part], index: int, max_seq_len: int) -> Example:
+        example = Example()
+        example.add(system, None)
+        target = turns[index]
+        budget = max_seq_len - len(system) - len(target.ids)
+        if budget < 0:
+            example.add_cut(target, max_seq_len - len(system))
+            return example
+        start = index
+        while start > 0 and len(turns[start - 1].ids) <= budget:
+            start -= 1
+            budget -= len(turns[start].ids)
+        example.truncated = start > 0
+        for part in turns[start:index]:
+            example.add(part.ids, None)
+        example.add(target.header, None)
+        example.add(target.body, target.target)
+        return example
+
+    @staticmethod
+    def _windows(system: list[int], turns: list[_Part], max_seq_len: int) -> list[Example]:
+        windows: list[Example] = []
+        position = 0
+        while position < len(turns):
+            if turns[position].target is None:
+                position += 1  # windows begin at a target; what comes before is context
+                continue
+            example = Example()
+            example.add(system, None)
+            budget = max_seq_len - len(system)
+            if position > 0 and len(turns[position - 1].ids) <= budget // 2:
+                example.add(turns[position - 1].ids, None)
+                budget -= len(turns[position - 1].ids)
+            placed = False
+            while position < len(turns):
+                part = turns[position]
+                if len(part.ids) > budget:
+                    if not placed:
+                        example.add_cut(part, budget)
+                        position += 1
+                    break
+                example.add(part.header, None)
+                example.add(part.body, part.target)
+                budget -= len(part.ids)
+                placed = True
+                position += 1
+            windows.append(example)
+        if len(windows) > 1:
+            for example in windows:
+                example.truncated = True
+        return windows
+
+
+@dataclass
+class _Part:
+    """One message as token ids: its header, its body, and its target number (None: context)."""
+    header: list[int]
+    body: list[int]
+    target: int | None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.header + self.body

@@ -1,0 +1,181 @@
+"""Normalise raw WildChat / PRISM rows into one conversation record, flagging malformed rows.
+
+A record is {conversation_hash, turns: [{role, content}], ended, language, malformed, exact_key,
+near_key, toxic, redacted, num_user_turns, num_chars, user_key, country, events}. `malformed` is
+"" or the reason the row cannot be used ("malformed:<what>"); `events` lists counted, non-fatal
+decisions (a trimmed turn, a PRISM tie). user_key is a one-way hash used only to split by user;
+it never reaches the saved outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+
+import datasets
+
+from data_prep.chat_format import ASSISTANT, CONTROL_STRINGS, USER
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def exact_key(turns: list[dict]) -> str:
+    digest = hashlib.sha1()
+    for turn in turns:
+        digest.update(f"{turn['role']}\x1e{turn['content']}\x1f".encode())
+    return digest.hexdigest()
+
+
+def near_key(turns: list[dict], ngram: int) -> str:
+    """The first `ngram` words of the normalised first user turn; "" when it has fewer words."""
+    words = _WORD.findall(turns[0]["content"].lower()) if turns else []
+    return " ".join(words[:ngram]) if len(words) >= ngram else ""
+
+
+def user_key(hashed_ip: str | None, country: str | None) -> str | None:
+    if not hashed_ip:
+        return None
+    return hashlib.sha256(f"{hashed_ip}\x1f{country}".encode()).hexdigest()
+
+
+def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list[dict], bool, list[str]]:
+    """Validate a linear dialogue. Returns (malformed reason or "", turns, ended, events)."""
+    events: list[str] = []
+    if not any(t["role"] == USER for t in turns):
+        return "malformed:no_user_turn", turns, False, events
+    for i, turn in enumerate(turns):
+        if turn["role"] not in (USER, ASSISTANT):
+            return "malformed:unknown_role", turns, False, events
+        if turn["content"] is None:
+            return "malformed:null_content", turns, False, events
+        if turn["role"] != (USER if i % 2 == 0 else ASSISTANT):
+            return "malformed:roles_out_of_order", turns, False, events
+        if turn["role"] == USER and not turn["content"].strip():
+            return "malformed:empty_user_turn", turns, False, events
+        if any(s in turn["content"] for s in CONTROL_STRINGS):
+            return "malformed:control_token_in_text", turns, False, events
+    ended = turns[-1]["role"] == ASSISTANT
+    if not ended:
+        if unanswered_last_turn == "drop":
+            return "malformed:unanswered_last_turn", turns, False, events
+        if unanswered_last_turn == "trim":
+            turns = turns[:-1]
+            events.append("trimmed_unanswered_last_turn")
+            if not turns:
+                return "malformed:no_user_turn", turns, False, events
+            ended = True
+        elif unanswered_last_turn == "keep_no_end":
+            events.append("unanswered_last_turn_no_end")
+        else:
+            raise ValueError(f"filters.unanswered_last_turn={unanswered_last_turn!r}: "
+                             "expected keep_no_end, trim or drop")
+    return "", turns, ended, events
+
+
+def _record(conversation_hash, turns, language, toxic, redacted, hashed_ip, country, filters_cfg,
+            extra_events=()) -> dict:
+    malformed, turns, ended, events = check_turns(turns, filters_cfg.unanswered_last_turn)
+    ok = not malformed
+    return {
+        "conversation_hash": conversation_hash,
+        "turns": turns,
+        "ended": ended,
+        "language": language or "",
+        "malformed": malformed,
+        "exact_key": exact_key(turns) if ok else "",
+        "near_key": near_key(turns, filters_cfg.near_duplicates.ngram) if ok else "",
+        "toxic": bool(toxic),
+        "redacted": bool(redacted),
+        "num_user_turns": sum(1 for t in turns if t["role"] == USER),
+        "num_chars": sum(len(t["content"] or "") for t in turns),
+        "user_key": user_key(hashed_ip, country),
+        "country": country or "",
+        "events": list(extra_events) + events,
+    }
+
+
+def wildchat_records(batch: dict, filters_cfg) -> dict:
+    """datasets.map (batched) function: raw WildChat rows -> records."""
+    out = defaultdict(list)
+    for i in range(len(batch["conversation_hash"])):
+        conversation = batch["conversation"][i] or []
+        turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
+        first_user = next((t for t in conversation if t["role"] == USER), {})
+        hashed_ip = batch["hashed_ip"][i] or first_user.get("hashed_ip")
+        country = batch["country"][i] or first_user.get("country")
+        toxic = batch["toxic"][i] or any(t["toxic"] for t in conversation)
+        redacted = batch["redacted"][i] or any(t["redacted"] for t in conversation)
+        if batch["conversation_hash"][i] is None:
+            record = _record("", [], "", False, False, None, None, filters_cfg)
+            record["malformed"] = "malformed:null_conversation_hash"
+        else:
+            record = _record(batch["conversation_hash"][i], turns, batch["language"][i], toxic, redacted,
+                             hashed_ip, country, filters_cfg)
+        for key, value in record.items():
+            out[key].append(value)
+    return out
+
+
+def linearize_prism(history: list[dict]) -> tuple[str, list[dict], list[str]]:
+    """PRISM's branching history -> one linear dialogue: per turn the user entry and the chosen reply.
+
+    Entries may come in any order. Ties (several chosen replies in one turn): identical ones collapse
+    (event prism_tie_identical); different ones are resolved by the highest score, then the lowest
+    within_turn_id (event prism_tie_resolved_by_score).
+    """
+    by_turn: dict[int, dict[str, list]] = defaultdict(lambda: {"user": [], "model": []})
+    for entry in history:
+        if entry["role"] not in ("user", "model") or entry["turn"] is None:
+            return "malformed:prism_bad_entry", [], []
+        by_turn[entry["turn"]][entry["role"]].append(entry)
+    if sorted(by_turn) != list(range(len(by_turn))):
+        return "malformed:prism_turns_not_contiguous", [], []
+    turns, events = [], []
+    for t in range(len(by_turn)):
+        users, chosen = by_turn[t]["user"], [e for e in by_turn[t]["model"] if e["if_chosen"]]
+        if len({e["content"] for e in users}) != 1:
+            return "malformed:prism_user_entries", [], []
+        if len({e["content"] for e in chosen}) > 1:
+            events.append("prism_tie_resolved_by_score")
+            chosen.sort(key=lambda e: (-(e["score"] or 0), e["within_turn_id"] or 0))
+        elif len(chosen) > 1:
+            events.append("prism_tie_identical")
+        turns.append({"role": USER, "content": users[0]["content"]})
+        if chosen:
+            turns.append({"role": ASSISTANT, "content": chosen[0]["content"]})
+    return "", turns, events
+
+
+def prism_records(batch: dict, filters_cfg) -> dict:
+    """datasets.map (batched) function: raw PRISM conversations -> records."""
+    out = defaultdict(list)
+    for i in range(len(batch["conversation_id"])):
+        malformed, turns, events = linearize_prism(batch["conversation_history"][i] or [])
+        record = _record(batch["conversation_id"][i], turns, "", False, False, batch["user_id"][i], "PRISM",
+                         filters_cfg, events)
+        record["malformed"] = malformed or record["malformed"]
+        for key, value in record.items():
+            out[key].append(value)
+    return out
+
+
+RECORD_FUNCTIONS = {"wildchat": wildchat_records, "prism": prism_records}
+
+
+RECORD_FEATURES = datasets.Features({
+    "conversation_hash": datasets.Value("string"),
+    "turns": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    "ended": datasets.Value("bool"),
+    "language": datasets.Value("string"),
+    "malformed": datasets.Value("string"),
+    "exact_key": datasets.Value("string"),
+    "near_key": datasets.Value("string"),
+    "toxic": datasets.Value("bool"),
+    "redacted": datasets.Value("bool"),
+    "num_user_turns": datasets.Value("int32"),
+    "num_chars": datasets.Value("int64"),
+    "user_key": datasets.Value("string"),
+    "country": datasets.Value("string"),
+    "events": datasets.List(datasets.Value("string")),
+})

@@ -1,0 +1,92 @@
+"""Flipped examples as a `datasets` map: conversations (text + intent) -> token ids and labels.
+
+Each batch's message bodies are tokenized in one batched call (each message once); the examples
+are assembled from those token lists by chat_format.ChatEncoder, never by re-tokenizing prefixes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import datasets
+
+from data_prep.chat_format import IGNORE_INDEX, ChatEncoder, conversation_messages
+
+TURN = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+CONVERSATION_FEATURES = datasets.Features({
+    "conversation_hash": datasets.Value("string"),
+    "intent": datasets.Value("string"),
+    "turns": datasets.List(TURN),
+    "ended": datasets.Value("bool"),
+    "language": datasets.Value("string"),
+    "num_user_turns": datasets.Value("int32"),
+})
+EXAMPLE_FEATURES = datasets.Features({
+    "conversation_hash": datasets.Value("string"),
+    "example_index": datasets.Value("int32"),
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "num_tokens": datasets.Value("int32"),
+    "num_target_tokens": datasets.Value("int32"),
+    "target_turns": datasets.List(datasets.Value("int32")),
+    "truncated": datasets.Value("bool"),
+})
+
+
+def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:
+    """datasets.map (batched) function: conversations -> examples (one-to-many)."""
+    encoder = ChatEncoder(tokenizer)
+    conversations = [conversation_messages(intent, turns, ended)
+                     for intent, turns, ended in zip(batch["intent"], batch["turns"], batch["ended"])]
+    bodies = encoder.encode_bodies([m["content"] for messages in conversations for m in messages])
+    out = defaultdict(list)
+    offset = 0
+    for conversation_hash, messages in zip(batch["conversation_hash"], conversations):
+        own_bodies, offset = bodies[offset:offset + len(messages)], offset + len(messages)
+        for index, example in enumerate(encoder.flip(messages, mode, max_seq_len, bodies=own_bodies)):
+            out["conversation_hash"].append(conversation_hash)
+            out["example_index"].append(index)
+            out["input_ids"].append(example.input_ids)
+            out["labels"].append(example.labels)
+            out["num_tokens"].append(len(example.input_ids))
+            out["num_target_tokens"].append(example.num_target_tokens)
+            out["target_turns"].append(example.target_turns)
+            out["truncated"].append(example.truncated)
+    return out
+
+
+def token_statistics(examples: datasets.Dataset) -> dict:
+    n = len(examples)
+    if n == 0:
+        return {"examples": 0, "tokens": 0, "target_tokens": 0, "mean_tokens": 0.0, "max_tokens": 0,
+                "truncated_examples": 0}
+    columns = examples.select_columns(["num_tokens", "num_target_tokens", "truncated"]).to_dict()
+    tokens = sum(columns["num_tokens"])
+    return {
+        "examples": n,
+        "tokens": tokens,
+        "target_tokens": sum(columns["num_target_tokens"]),
+        "mean_tokens": round(tokens / n, 2) if n else 0.0,
+        "max_tokens": max(columns["num_tokens"], default=0),
+        "truncated_examples": sum(columns["truncated"]),
+    }
+
+
+def render_with_targets(tokenizer, input_ids, labels) -> str:
+    """Decode an example, wrapping each trained-on span in ⟦ ⟧."""
+    pieces, run, run_is_target = [], [], None
+    for token, label in zip(input_ids, labels):
+        is_target = label != IGNORE_INDEX
+        if run and is_target != run_is_target:
+            pieces.append(_span(tokenizer, run, run_is_target))
+            run = []
+        run.append(token)
+        run_is_target = is_target
+    if run:
+        pieces.append(_span(tokenizer, run, run_is_target))
+    return "".join(pieces)
+
+
+def _span(tokenizer, ids, is_target) -> str:
+    text = tokenizer.decode(ids)
+    return f"⟦{text}⟧" if is_target else text

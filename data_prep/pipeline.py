@@ -1,0 +1,141 @@
+"""`python -m data_prep`: WildChat-1M (or PRISM) -> flipped, tokenized, loss-masked examples.
+
+    python -m data_prep experiment=tiny                    # the embedded sample, seconds on CPU
+    python -m data_prep experiment=tiny dataset=prism      # the PRISM sample, as an evaluation set
+    python -m data_prep experiment=paper intents.path=intents.jsonl   # WildChat-1M from the hub
+
+Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
+Outputs in `output_dir`, written atomically (a COMPLETED marker last):
+    train/ validation/ test/   examples: conversation_hash, input_ids, labels, ... (save_to_disk)
+    conversations/<split>/     the same conversations as text with their intent (for evaluation)
+    tokenizer/                 the tokenizer the examples were made with (chat template installed)
+    funnel.json  manifest.json  config.yaml  examples.txt  dropped.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import datasets
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from data_prep import artifacts
+from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
+from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
+from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
+                                token_statistics)
+from data_prep.funnel import Funnel, apply_filters
+from data_prep.intents import read_intents
+from data_prep.load import load_source
+from data_prep.split import assign_splits
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1  # bump when the records or examples change meaning
+
+
+def load_tokenizer(tokenizer_cfg):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_cfg.name_or_path,
+                                              trust_remote_code=tokenizer_cfg.trust_remote_code)
+    return prepare_tokenizer(tokenizer, tokenizer_cfg.pad_token)
+
+
+def run(cfg) -> Path:
+    output_dir = Path(cfg.output_dir)
+    if cfg.flip.mode not in ("per_turn", "per_conversation"):
+        raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
+    if cfg.intents.backend != "file":
+        raise ValueError(f"intents.backend={cfg.intents.backend!r}: expected file")
+
+    # ---- load --------------------------------------------------------------------------------
+    raw, provenance = load_source(cfg.data)
+    fingerprint = artifacts.config_hash(FORMAT_VERSION, provenance, artifacts.resolved_config(cfg.filters))
+    map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
+
+    # ---- normalise: one record per conversation, malformed rows flagged ------------------------
+    records = raw.map(RECORD_FUNCTIONS[cfg.data.kind], fn_kwargs={"filters_cfg": cfg.filters},
+                      remove_columns=raw.column_names, features=RECORD_FEATURES,
+                      new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
+
+    # ---- filter: every row lands in exactly one funnel bucket ----------------------------------
+    funnel = Funnel(input=len(records))
+    kept, dropped = apply_filters(records, cfg.filters, funnel)
+    events = Counter(e for row in records.select(kept).select_columns(["events"])["events"] for e in row)
+
+    # ---- split by user -----------------------------------------------------------------------
+    split_rows, anonymous = assign_splits(records, kept, cfg.split)
+    if cfg.split.missing_user == "drop":
+        funnel.remove("no_user_id", Counter({"no_user_id": len(anonymous)}))
+        dropped += [{"row": r, "conversation_hash": records[r]["conversation_hash"], "step": "no_user_id",
+                     "reason": "no_user_id"} for r in anonymous]
+    elif anonymous:
+        events["no_user_id_own_user"] = len(anonymous)
+
+    # ---- intents -----------------------------------------------------------------------------
+    intents = read_intents(cfg.intents.path)
+    conversations, missing = {}, Counter()
+    for split, rows in split_rows.items():
+        hashes = records.select(rows)["conversation_hash"]
+        with_intent = [(r, h) for r, h in zip(rows, hashes) if h in intents]
+        missing["missing_intent"] += len(rows) - len(with_intent)
+        dropped += [{"row": r, "conversation_hash": h, "step": "missing_intent", "reason": "missing_intent"}
+                    for r, h in zip(rows, hashes) if h not in intents]
+        selected = records.select([r for r, _ in with_intent]).flatten_indices()
+        selected = selected.add_column("intent", [intents[h] for _, h in with_intent])
+        conversations[split] = selected.select_columns(list(CONVERSATION_FEATURES)).cast(CONVERSATION_FEATURES)
+        funnel.kept[split] = len(with_intent)
+    funnel.remove("missing_intent", missing)
+    funnel.events = dict(sorted(events.items()))
+    funnel.check()
+
+    # ---- flip + tokenize ---------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), CHAT_TEMPLATE)
+    examples = {}
+    for split, dataset in conversations.items():
+        examples[split] = dataset.map(
+            flip_batch, fn_kwargs={"tokenizer": tokenizer, "mode": cfg.flip.mode, "max_seq_len": cfg.max_seq_len},
+            remove_columns=dataset.column_names, features=EXAMPLE_FEATURES,
+            new_fingerprint=f"flip-{split}-{artifacts.config_hash(fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len, cfg.intents.path and artifacts.sha256_of(cfg.intents.path))}",
+            desc=f"flip {split}", **dict(map_args, num_proc=cfg.num_proc if len(dataset) > cfg.batch_size else None))
+        funnel.examples[split] = len(examples[split])
+    stats = {split: token_statistics(ds) for split, ds in examples.items()}
+
+    # ---- save --------------------------------------------------------------------------------
+    with artifacts.atomic_directory(output_dir) as tmp:
+        datasets.DatasetDict(examples).save_to_disk(str(tmp))
+        datasets.DatasetDict(conversations).save_to_disk(str(tmp / "conversations"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        artifacts.write_json(tmp / "funnel.json", funnel.to_dict())
+        artifacts.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        artifacts.write_json(tmp / "manifest.json", {
+            "format_version": FORMAT_VERSION,
+            "config": artifacts.resolved_config(cfg),
+            "input": provenance,
+            "intents": {"path": cfg.intents.path, "sha256": artifacts.sha256_of(cfg.intents.path),
+                        "count": len(intents)},
+            "tokenizer": {"name_or_path": cfg.tokenizer.name_or_path, "fingerprint": tokenizer_hash,
+                          "vocab_size": len(tokenizer)},
+            "packages": artifacts.package_versions(),
+            "counts": funnel.to_dict(),
+            "token_statistics": stats,
+        })
+        preview_split = next(iter(examples))
+        preview = examples[preview_split].select(range(min(cfg.preview_examples, len(examples[preview_split]))))
+        artifacts.write_text(tmp / "examples.txt", "".join(
+            f"=== {preview_split} example {i}: conversation {ex['conversation_hash']}, "
+            f"{ex['num_tokens']} tokens, {ex['num_target_tokens']} trained on (between ⟦ ⟧)\n"
+            f"{render_with_targets(tokenizer, ex['input_ids'], ex['labels'])}\n\n"
+            for i, ex in enumerate(preview)))
+        if cfg.filters.write_dropped:
+            artifacts.write_text(tmp / "dropped.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in dropped))
+
+    print(funnel.table())
+    for split, s in stats.items():
+        print(f"{split}: {s['examples']} examples, {s['tokens']} tokens ({s['target_tokens']} targets), "
+              f"{s['truncated_examples']} truncated")
+    print(f"wrote {output_dir}")
+    return output_dir

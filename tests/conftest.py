@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny tokenizer and model, and data_prep's output on the embedded sample.
+
+Everything is built here, offline, once per test session (a few seconds): no hub, no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SAMPLE = REPO / "data_prep" / "sample"
+
+
+def compose_config(stage: str, overrides: list[str], config_name: str = "config"):
+    """Compose conf/<stage>/<config_name>.yaml with overrides, as the stage's Hydra main would."""
+    import data_prep.config  # noqa: F401  (registers the data_prep schema)
+    with initialize_config_dir(config_dir=str(CONF / stage), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """outputs of scripts/make_tiny_assets.py: <dir>/tokenizer and <dir>/model."""
+    from scripts.make_tiny_assets import build_model, build_tokenizer, sample_texts
+    out = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(sample_texts(SAMPLE), vocab_size=2048)
+    tokenizer.save_pretrained(out / "tokenizer")
+    model = build_model(tokenizer, hidden=64, layers=2, seed=0)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_assets):
+    """The tiny tokenizer prepared for UserLM's format (chat template, <|endconversation|>, pad)."""
+    from transformers import AutoTokenizer
+    from data_prep.chat_format import prepare_tokenizer
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"),
+                             "<|reserved_special_token_0|>")
+
+
+def data_prep_overrides(tiny_assets: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["experiment=tiny", f"tokenizer.name_or_path={tiny_assets / 'tokenizer'}",
+            f"output_dir={output_dir}", f"intents.path={SAMPLE / 'intents.jsonl'}", "num_proc=1", *extra]
+
+
+def run_data_prep(tiny_assets: Path, output_dir: Path, *extra: str) -> Path:
+    from data_prep.pipeline import run
+    overrides = data_prep_overrides(tiny_assets, output_dir, *extra)
+    dataset = next((o.split("=", 1)[1] for o in extra if o.startswith("dataset=")), "wildchat")
+    overrides.append(f"data.source={SAMPLE / ('prism.jsonl' if dataset == 'prism' else 'wildchat.parquet')}")
+    return run(compose_config("data_prep", overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_assets, tmp_path_factory) -> Path:
+    """data_prep's output on the WildChat sample (per_turn, max_seq_len 512)."""
+    return run_data_prep(tiny_assets, tmp_path_factory.mktemp("data") / "wildchat")
+
+
+@pytest.fixture(scope="session")
+def tiny_prism(tiny_assets, tmp_path_factory) -> Path:
+    """data_prep's output on the PRISM sample (a test split only)."""
+    return run_data_prep(tiny_assets, tmp_path_factory.mktemp("data") / "prism", "dataset=prism")
