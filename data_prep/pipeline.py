@@ -29,7 +29,7 @@ from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics)
 from data_prep.funnel import Funnel, apply_filters
-from data_prep.intents import read_intents
+from data_prep.intents import get_intents
 from data_prep.load import load_source
 from data_prep.split import assign_splits
 
@@ -47,8 +47,6 @@ def run(cfg) -> Path:
     output_dir = Path(cfg.output_dir)
     if cfg.flip.mode not in ("per_turn", "per_conversation"):
         raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
-    if cfg.intents.backend != "file":
-        raise ValueError(f"intents.backend={cfg.intents.backend!r}: expected file")
 
     # ---- load --------------------------------------------------------------------------------
     raw, provenance = load_source(cfg.data)
@@ -74,8 +72,8 @@ def run(cfg) -> Path:
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
-    # ---- intents -----------------------------------------------------------------------------
-    intents = read_intents(cfg.intents.path)
+    # ---- intents: one per kept conversation (read from intents.path; see data_prep.intents) -----
+    intents = get_intents(cfg.intents, records.select([r for rows in split_rows.values() for r in rows]))
     conversations, missing = {}, Counter()
     for split, rows in split_rows.items():
         hashes = records.select(rows)["conversation_hash"]
@@ -116,7 +114,7 @@ def run(cfg) -> Path:
             "config": artifacts.resolved_config(cfg),
             "input": provenance,
             "intents": {"path": cfg.intents.path, "sha256": artifacts.sha256_of(cfg.intents.path),
-                        "count": len(intents)},
+                        "used": sum(funnel.kept.values())},
             "tokenizer": {"name_or_path": cfg.tokenizer.name_or_path, "fingerprint": tokenizer_hash,
                           "vocab_size": len(tokenizer)},
             "packages": artifacts.package_versions(),
