@@ -13,6 +13,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from data_prep.llm_client import ClientConfig
+
 
 @dataclass
 class DataConfig:
@@ -52,9 +54,73 @@ class SplitConfig:
 
 
 @dataclass
+class TurnConfig:
+    role: str = MISSING
+    content: str = MISSING
+
+
+@dataclass
+class IntentExampleConfig:
+    conversation: list[TurnConfig] = MISSING
+    intent: str = MISSING
+
+
+@dataclass
+class PromptBudgetConfig:             # see data_prep/intents/prompt.py for how a conversation is cut
+    chars_per_token: float = MISSING
+    conversation_tokens: int = MISSING
+    first_user_turn_tokens: int = MISSING
+    user_turn_tokens: int = MISSING
+    assistant_turn_tokens: int = MISSING
+
+
+@dataclass
+class IntentPromptConfig:             # conf/data_prep/intents/prompt/<version>.yaml
+    version: str = MISSING
+    instruction: str = MISSING
+    examples: list[IntentExampleConfig] = MISSING
+    turn_format: str = MISSING        # "{role}" and "{content}" are filled in
+    omitted_format: str = MISSING     # "{count}": later turns dropped for the budget
+    cut_marker: str = MISSING         # replaces the middle of an over-long turn
+    budget: PromptBudgetConfig = field(default_factory=PromptBudgetConfig)
+
+
+@dataclass
+class IntentGenerationConfig:
+    max_tokens: int = MISSING
+    temperature: float = MISSING
+    retry_temperature: float = MISSING  # a reply that fails the checks is asked again, sampled at this
+    output_retries: int = MISSING       # new replies asked after one fails the checks
+    seed: int = MISSING                 # hf backend's sampling on retries
+
+
+@dataclass
+class IntentChecksConfig:
+    max_words: int = MISSING
+    max_chars: int = MISSING
+    require_prefix: Optional[str] = MISSING  # the reply must start with this (case-insensitive); null: any
+    reject_truncated: bool = MISSING         # reject a reply cut by max_tokens (finish_reason "length")
+
+
+@dataclass
+class HFGeneratorConfig:
+    model: str = MISSING              # local path or hub id of a causal LM
+    batch_size: int = MISSING
+    device: str = MISSING             # cpu | cuda | cuda:1 ...
+    dtype: str = MISSING              # float32 | bfloat16 | float16
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
 class IntentsConfig:
-    backend: str = MISSING            # file: read intents from `path`
-    path: Optional[str] = MISSING     # jsonl of {conversation_hash, intent}
+    backend: str = MISSING            # file: read `path` | openai: an OpenAI-compatible endpoint | hf: a local model
+    path: Optional[str] = MISSING     # jsonl of {conversation_hash, intent, ...}: read by data_prep, filled by generation
+    prompt: IntentPromptConfig = field(default_factory=IntentPromptConfig)
+    generation: IntentGenerationConfig = field(default_factory=IntentGenerationConfig)
+    checks: IntentChecksConfig = field(default_factory=IntentChecksConfig)
+    openai: ClientConfig = field(default_factory=ClientConfig)
+    hf: HFGeneratorConfig = field(default_factory=HFGeneratorConfig)
+    progress: bool = MISSING          # progress bar (rate, ETA) while generating
 
 
 @dataclass

@@ -18,6 +18,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 from omegaconf import OmegaConf
@@ -43,11 +44,23 @@ def load_tokenizer(tokenizer_cfg):
     return prepare_tokenizer(tokenizer, tokenizer_cfg.pad_token)
 
 
-def run(cfg) -> Path:
-    output_dir = Path(cfg.output_dir)
-    if cfg.flip.mode not in ("per_turn", "per_conversation"):
-        raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
+class Selection(NamedTuple):
+    """The conversations data_prep keeps, per split, and how it got them."""
+    records: datasets.Dataset
+    split_rows: dict[str, list[int]]   # split -> rows of `records`
+    funnel: Funnel
+    dropped: list[dict]
+    events: Counter
+    provenance: dict
+    fingerprint: str
+    map_args: dict
 
+    def kept(self) -> datasets.Dataset:
+        return self.records.select([r for rows in self.split_rows.values() for r in rows])
+
+
+def select_conversations(cfg) -> Selection:
+    """load -> normalise -> filter -> split by user (also used by `python -m data_prep.intents`)."""
     # ---- load --------------------------------------------------------------------------------
     raw, provenance = load_source(cfg.data)
     fingerprint = artifacts.config_hash(FORMAT_VERSION, provenance, artifacts.resolved_config(cfg.filters))
@@ -72,8 +85,18 @@ def run(cfg) -> Path:
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
-    # ---- intents: one per kept conversation (read from intents.path; see data_prep.intents) -----
-    intents = get_intents(cfg.intents, records.select([r for rows in split_rows.values() for r in rows]))
+    return Selection(records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args)
+
+
+def run(cfg) -> Path:
+    output_dir = Path(cfg.output_dir)
+    if cfg.flip.mode not in ("per_turn", "per_conversation"):
+        raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
+    selection = select_conversations(cfg)
+    records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
+
+    # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
+    intents = get_intents(cfg.intents, selection.kept())
     conversations, missing = {}, Counter()
     for split, rows in split_rows.items():
         hashes = records.select(rows)["conversation_hash"]

@@ -1,0 +1,182 @@
+"""Backends that turn intent prompts into checked intents: `openai` (any OpenAI-compatible
+endpoint, async) and `hf` (a local transformers model, batched).
+
+A backend has `model` (its identity in the cache key) and `run(jobs, on_outcome)`, which calls
+`on_outcome(Outcome)` once per job as soon as that job is finished, so the caller can store it at
+once. A reply that fails the output checks is asked for again (sampled at retry_temperature) up to
+`output_retries` times, then reported with the reason of its last rejection.
+
+Another engine that generates many prompts in one call (vLLM's offline `LLM.chat`, for example)
+subclasses BatchedBackend and implements `generate_texts`; an OpenAI-compatible server (`vllm
+serve`, TGI) needs no code: use the openai backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable, Optional
+
+from data_prep.intents.checks import check_reply
+from data_prep.llm_client import LLMClient, RequestFailed, Usage, bounded_map
+
+
+@dataclass
+class Job:
+    conversation_hash: str
+    messages: list[dict]
+
+
+@dataclass
+class Outcome:
+    conversation_hash: str
+    intent: Optional[str]       # None: failed, see reason
+    reason: Optional[str]       # why it failed (an output check or a request failure)
+    detail: str                 # the rejected reply or the error, shortened
+    replies: int                # replies asked for (1 + output retries used)
+    usage: Usage
+
+
+class OpenAIBackend:
+    def __init__(self, intents_cfg):
+        self.cfg = intents_cfg
+        self.model = intents_cfg.openai.model
+        self.prices = (intents_cfg.openai.price_input_per_million, intents_cfg.openai.price_output_per_million)
+
+    def describe(self) -> dict:
+        """For the report: where requests went (the key's variable name, never the key)."""
+        return {"base_url": self.cfg.openai.base_url, "api_key_env": self.cfg.openai.api_key_env,
+                "concurrency": self.cfg.openai.concurrency}
+
+    def run(self, jobs: Iterable[Job], on_outcome: Callable[[Outcome], None]) -> None:
+        asyncio.run(self._run(jobs, on_outcome))
+
+    async def _run(self, jobs, on_outcome) -> None:
+        async with LLMClient(self.cfg.openai) as client:
+            async for _, outcome in bounded_map(partial(self._one, client), jobs, self.cfg.openai.concurrency):
+                on_outcome(outcome)
+
+    async def _one(self, client: LLMClient, job: Job) -> Outcome:
+        generation, usage = self.cfg.generation, Usage()
+        reason = detail = None
+        for reply in range(1, generation.output_retries + 2):
+            temperature = generation.temperature if reply == 1 else generation.retry_temperature
+            try:
+                completion = await client.complete(job.messages, max_tokens=generation.max_tokens,
+                                                   temperature=temperature)
+            except RequestFailed as e:
+                return Outcome(job.conversation_hash, None, e.reason, e.detail[:200], reply, usage)
+            usage.prompt_tokens += completion.usage.prompt_tokens
+            usage.completion_tokens += completion.usage.completion_tokens
+            intent, reason = check_reply(completion.text, completion.finish_reason, self.cfg.checks)
+            if intent:
+                return Outcome(job.conversation_hash, intent, None, "", reply, usage)
+            detail = completion.text[:200]
+        return Outcome(job.conversation_hash, None, reason, detail, generation.output_retries + 1, usage)
+
+
+class BatchedBackend:
+    """Generates `batch_size` prompts per call; each batch is finished (retries included) before the
+    next starts, so outcomes reach the store batch by batch."""
+
+    def __init__(self, intents_cfg, batch_size: int):
+        self.cfg = intents_cfg
+        self.batch_size = batch_size
+        self.prices = (0.0, 0.0)
+
+    def describe(self) -> dict:
+        return {"batch_size": self.batch_size}
+
+    def generate_texts(self, messages: list[list[dict]], temperature: float, seed: int
+                       ) -> list[tuple[str, Usage, Optional[str]]]:
+        """(text, usage, finish_reason "stop" | "length") per prompt; temperature 0 means greedy."""
+        raise NotImplementedError
+
+    def run(self, jobs: Iterable[Job], on_outcome: Callable[[Outcome], None]) -> None:
+        generation, jobs = self.cfg.generation, iter(jobs)
+        while batch := list(itertools.islice(jobs, self.batch_size)):
+            usage = {job.conversation_hash: Usage() for job in batch}
+            pending, rejected = batch, {}
+            for reply in range(1, generation.output_retries + 2):
+                temperature = generation.temperature if reply == 1 else generation.retry_temperature
+                replies = self.generate_texts([job.messages for job in pending], temperature, generation.seed + reply)
+                still_pending = []
+                for job, (text, reply_usage, finish_reason) in zip(pending, replies):
+                    total = usage[job.conversation_hash]
+                    total.prompt_tokens += reply_usage.prompt_tokens
+                    total.completion_tokens += reply_usage.completion_tokens
+                    intent, reason = check_reply(text, finish_reason, self.cfg.checks)
+                    if intent:
+                        on_outcome(Outcome(job.conversation_hash, intent, None, "", reply, total))
+                    else:
+                        rejected[job.conversation_hash] = (reason, text[:200])
+                        still_pending.append(job)
+                pending = still_pending
+                if not pending:
+                    break
+            for job in pending:
+                reason, detail = rejected[job.conversation_hash]
+                on_outcome(Outcome(job.conversation_hash, None, reason, detail, generation.output_retries + 1,
+                                   usage[job.conversation_hash]))
+
+
+class HFBackend(BatchedBackend):
+    """A local transformers causal LM: left-padded batches, greedy first, sampled on retries. The
+    prompt goes through the tokenizer's chat template when it has one, else a plain-text rendering."""
+
+    def __init__(self, intents_cfg):
+        super().__init__(intents_cfg, intents_cfg.hf.batch_size)
+        self.model = intents_cfg.hf.model
+        self._model = self._tokenizer = None
+
+    def describe(self) -> dict:
+        return {"batch_size": self.batch_size, "device": self.cfg.hf.device, "dtype": self.cfg.hf.dtype}
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        hf = self.cfg.hf
+        self._tokenizer = AutoTokenizer.from_pretrained(hf.model, trust_remote_code=hf.trust_remote_code)
+        self._tokenizer.padding_side = "left"
+        self._model = AutoModelForCausalLM.from_pretrained(hf.model, dtype=getattr(torch, hf.dtype),
+                                                           trust_remote_code=hf.trust_remote_code)
+        self._model.to(hf.device).eval()
+
+    def format_prompt(self, messages: list[dict]) -> str:
+        if self._tokenizer.chat_template:
+            return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n\n".join(turns) + "\n\nAssistant:"
+
+    def generate_texts(self, messages, temperature, seed):
+        import torch
+        if self._model is None:
+            self._load()
+        tokenizer = self._tokenizer
+        prompts = [self.format_prompt(m) for m in messages]
+        # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
+        batch = tokenizer(prompts, return_tensors="pt", padding=True,
+                          add_special_tokens=not tokenizer.chat_template).to(self.cfg.hf.device)
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        # Generation only: pad positions are masked, so reusing EOS as the pad id changes nothing.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            output = self._model.generate(**batch, max_new_tokens=self.cfg.generation.max_tokens,
+                                          do_sample=temperature > 0, temperature=temperature or None,
+                                          top_p=None, top_k=None, pad_token_id=pad_id)
+        results = []
+        for prompt_tokens, row in zip(batch["attention_mask"].sum(dim=1).tolist(),
+                                      output[:, batch["input_ids"].shape[1]:].tolist()):
+            end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            new_tokens = row if end is None else row[:end]
+            results.append((tokenizer.decode(new_tokens, skip_special_tokens=True),
+                            Usage(prompt_tokens, len(new_tokens) + (end is not None)),
+                            "length" if end is None else "stop"))
+        return results
+
+
+BACKENDS = {"openai": OpenAIBackend, "hf": HFBackend}

@@ -1,0 +1,73 @@
+"""The intent prompt: instruction + three few-shot examples + the conversation, from configuration.
+
+The text lives in conf/data_prep/intents/prompt/<version>.yaml. Messages sent to the model:
+    system     the instruction
+    user       example 1's conversation      assistant  example 1's intent     (x3)
+    user       the conversation to summarise
+A conversation is rendered as tagged turns (`turn_format`, e.g. "<user>\n...\n</user>").
+
+Very long conversations are cut to a token budget. Tokens are *estimated* as characters /
+`chars_per_token` (about 4 for English with GPT-4o's and Llama-3's tokenizers); the budget is a
+cost and context guard, not an exact count. How a conversation is cut:
+  1. every turn is capped: the first user turn (which usually states the task) at
+     `first_user_turn_tokens`, later user turns at `user_turn_tokens`, assistant turns (context the
+     intent does not depend on much) at `assistant_turn_tokens`; an over-long turn loses its
+     *middle* (head and tail kept, joined by `cut_marker`), since requests and questions tend to sit
+     at the start and end of a pasted text;
+  2. turns are then taken in order while the total stays within `conversation_tokens`; the later
+     turns that do not fit are dropped and replaced by one line saying how many were left out.
+The first user turn is always kept (its cap is at most the budget).
+"""
+
+from __future__ import annotations
+
+from data_prep.artifacts import config_hash, resolved_config
+
+
+def estimate_tokens(text: str, chars_per_token: float) -> int:
+    return int(len(text) / chars_per_token) + 1
+
+
+def cut_middle(text: str, max_tokens: int, chars_per_token: float, marker: str) -> str:
+    """`text` if it fits in max_tokens, else its first 2/3 and last 1/3 around `marker`."""
+    max_chars = int(max_tokens * chars_per_token)
+    if len(text) <= max_chars:
+        return text
+    keep = max(0, max_chars - len(marker))
+    head = keep * 2 // 3
+    return text[:head] + marker + text[len(text) - (keep - head):]
+
+
+def render_conversation(turns: list[dict], prompt_cfg) -> str:
+    budget = prompt_cfg.budget
+    if budget.first_user_turn_tokens > budget.conversation_tokens:
+        raise ValueError("intents.prompt.budget.first_user_turn_tokens must be <= conversation_tokens")
+    rendered, used = [], 0
+    for i, turn in enumerate(turns):
+        cap = (budget.first_user_turn_tokens if i == 0 else
+               budget.user_turn_tokens if turn["role"] == "user" else budget.assistant_turn_tokens)
+        content = cut_middle(turn["content"].strip(), cap, budget.chars_per_token, prompt_cfg.cut_marker)
+        text = prompt_cfg.turn_format.format(role=turn["role"], content=content)
+        cost = estimate_tokens(text, budget.chars_per_token)
+        if i > 0 and used + cost > budget.conversation_tokens:
+            rendered.append(prompt_cfg.omitted_format.format(count=len(turns) - i))
+            break
+        rendered.append(text)
+        used += cost
+    return "\n".join(rendered)
+
+
+def build_messages(prompt_cfg, turns: list[dict]) -> list[dict]:
+    """The chat messages asking for the intent of the conversation `turns` ([{role, content}])."""
+    messages = [{"role": "system", "content": prompt_cfg.instruction.strip()}]
+    for example in prompt_cfg.examples:
+        messages.append({"role": "user", "content": render_conversation(example.conversation, prompt_cfg)})
+        messages.append({"role": "assistant", "content": example.intent.strip()})
+    messages.append({"role": "user", "content": render_conversation(turns, prompt_cfg)})
+    return messages
+
+
+def prompt_fingerprint(prompt_cfg) -> str:
+    """A hash of everything that shapes the prompt: intents stored under a version whose text has
+    since changed are detected instead of being reused as if current."""
+    return config_hash(resolved_config(prompt_cfg))

@@ -1,0 +1,294 @@
+"""A client for any OpenAI-compatible chat-completions endpoint (OpenAI, Azure's v1 API, vLLM, TGI).
+
+Shared by every stage that calls an LLM over HTTP (task intents, simulated assistants, judges):
+
+    async with LLMClient(client_cfg) as client:
+        completion = await client.complete([{"role": "user", "content": "Hi"}], max_tokens=20)
+        completion.text, completion.usage.prompt_tokens
+        async for index, result in client.complete_many(list_of_message_lists, temperature=0.0):
+            ...   # result is a Completion or a RequestFailed, in completion order
+
+What it does for you:
+- at most `concurrency` requests in flight (one aiohttp session, one connection per slot);
+- retries with exponential backoff and full jitter on 429, 5xx, connection errors, timeouts and
+  malformed replies; a Retry-After header is honoured and pauses *every* request of the client, so a
+  rate-limited provider is not hammered by the other slots;
+- optional requests-per-minute and tokens-per-minute limits (token buckets; a request is charged
+  its estimated prompt tokens plus max_tokens, then corrected with the usage the server reports);
+- 401/403/404 are configuration errors (wrong key, model or URL): they raise LLMConfigError at
+  once instead of failing every request in turn.
+
+The API key is read from the environment variable *named* by `api_key_env`; the config holds only
+that name, and the key is never logged, written or put in an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Sequence
+
+import aiohttp
+from omegaconf import MISSING
+
+log = logging.getLogger(__name__)
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+CONFIG_ERROR_STATUS = {401, 403, 404}
+CHARS_PER_TOKEN = 4  # estimate of prompt tokens before the server reports usage (rate limiting only)
+
+
+@dataclass
+class ClientConfig:
+    """Structured-config schema of one endpoint (values in YAML; see conf/data_prep/config.yaml)."""
+    base_url: str = MISSING                     # e.g. https://api.openai.com/v1 or http://localhost:8000/v1
+    model: str = MISSING
+    api_key_env: Optional[str] = MISSING        # NAME of the environment variable holding the key; null: none
+    concurrency: int = MISSING                  # requests in flight
+    timeout_s: float = MISSING                  # per attempt
+    max_retries: int = MISSING                  # retries after the first attempt
+    backoff_base_s: float = MISSING             # delay before retry k: uniform(0, min(max, base * 2**k))
+    backoff_max_s: float = MISSING
+    max_retry_after_s: float = MISSING          # cap on a server's Retry-After
+    requests_per_minute: Optional[float] = MISSING   # null: no limit
+    tokens_per_minute: Optional[float] = MISSING     # null: no limit
+    price_input_per_million: float = MISSING    # USD per million prompt tokens, for the cost estimate
+    price_output_per_million: float = MISSING
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    usage: Usage
+    attempts: int                   # HTTP attempts this reply took (1 = no retry)
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class RequestFailed(Exception):
+    """A request that failed for good: `reason` is a short label (http_429, timeout, malformed, ...)."""
+    reason: str
+    detail: str = ""
+    attempts: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.reason} after {self.attempts} attempt(s): {self.detail}"
+
+
+@dataclass
+class _Failure:
+    """One failed attempt: why, and the least delay the server asked for before the next one."""
+    reason: str
+    detail: str
+    delay: float = 0.0
+    retryable: bool = True
+
+
+class LLMConfigError(RuntimeError):
+    """The endpoint refuses every request (bad key, model or URL): stop instead of failing them all."""
+
+
+class RateLimiter:
+    """A token bucket refilled at `per_minute / 60` per second, holding at most one second's worth.
+
+    `acquire(n)` takes n units; when the bucket runs dry the caller sleeps until the debt is repaid.
+    Waiters queue on a lock, so they are served in order.
+    """
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    async def acquire(self, n: float = 1.0) -> None:
+        async with self.lock:
+            self._refill()
+            self.level -= n
+            if self.level < 0:
+                await asyncio.sleep(-self.level / self.rate)
+
+    def refund(self, n: float) -> None:
+        """Give back units charged in excess (negative n charges more)."""
+        self._refill()
+        self.level = min(self.capacity, self.level + n)
+
+
+def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
+    if not api_key_env:
+        return None
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise LLMConfigError(f"environment variable {api_key_env} (named by api_key_env) is not set or empty")
+    return key
+
+
+def retry_after_seconds(value: Optional[str]) -> Optional[float]:
+    """Parse a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_completion(body: bytes) -> tuple[str, Usage, Optional[str]]:
+    """(text, usage, finish_reason) of a chat-completions reply; ValueError when it is malformed."""
+    try:
+        reply = json.loads(body)
+        choice = reply["choices"][0]
+        text = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"not a chat-completions reply ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(text, str):
+        raise ValueError("message.content is not a string")
+    usage = reply.get("usage") or {}
+    return text, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)), \
+        choice.get("finish_reason")
+
+
+class LLMClient:
+    """One OpenAI-compatible endpoint; use as `async with LLMClient(cfg) as client:`."""
+
+    def __init__(self, cfg: ClientConfig):
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        key = read_api_key(cfg.api_key_env)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._requests = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute else None
+        self._tokens = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
+        self._paused_until = 0.0  # set from Retry-After: every slot waits
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    async def __aenter__(self) -> "LLMClient":
+        connector = aiohttp.TCPConnector(limit=self.cfg.concurrency)
+        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
+                                              timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._session.close()
+
+    def backoff(self, retry: int) -> float:
+        return random.uniform(0.0, min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** retry))
+
+    async def complete(self, messages: Sequence[dict], **params) -> Completion:
+        """One chat completion; retried per the config. Raises RequestFailed or LLMConfigError."""
+        payload = json.dumps({"model": self.cfg.model, "messages": list(messages), **params})
+        estimate = len(payload) / CHARS_PER_TOKEN + (params.get("max_tokens") or 0)
+        for attempt in range(1, self.cfg.max_retries + 2):
+            outcome = await self._attempt(payload, estimate)
+            if isinstance(outcome, Completion):
+                outcome.attempts = attempt
+                return outcome
+            if not outcome.retryable or attempt > self.cfg.max_retries:
+                raise RequestFailed(outcome.reason, outcome.detail, attempt)
+            await asyncio.sleep(max(outcome.delay, self.backoff(attempt - 1)))
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, payload: str, estimate: float) -> Completion | _Failure:
+        """One HTTP attempt."""
+        if self._requests:
+            await self._requests.acquire(1)
+        if self._tokens:
+            await self._tokens.acquire(estimate)
+        async with self._slots:
+            wait = self._paused_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                async with self._session.post(self.url, data=payload) as response:
+                    body = await response.read()
+                    status, retry_after = response.status, response.headers.get("Retry-After")
+            except asyncio.TimeoutError:
+                return _Failure("timeout", f"no reply within {self.cfg.timeout_s} s")
+            except aiohttp.ClientError as e:
+                return _Failure("connection_error", f"{type(e).__name__}: {str(e)[:120]}")
+        if status in CONFIG_ERROR_STATUS:
+            raise LLMConfigError(f"{self.url} answered HTTP {status} ({body[:200]!r}): check base_url, "
+                                 f"model and the key in ${self.cfg.api_key_env}")
+        if status != 200:
+            delay = min(retry_after_seconds(retry_after) or 0.0, self.cfg.max_retry_after_s)
+            if delay:
+                self._paused_until = max(self._paused_until, time.monotonic() + delay)
+            # 400 and the like (context too long, content filter): repeating the request cannot help
+            return _Failure(f"http_{status}", body[:200].decode("utf-8", "replace"), delay,
+                            retryable=status in RETRYABLE_STATUS)
+        try:
+            text, usage, finish_reason = parse_completion(body)
+        except ValueError as e:
+            return _Failure("malformed", str(e))
+        if self._tokens and usage.prompt_tokens:
+            self._tokens.refund(estimate - usage.prompt_tokens - usage.completion_tokens)
+        return Completion(text, usage, 1, finish_reason)
+
+    async def complete_many(self, requests: Sequence[Sequence[dict]], **params
+                            ) -> AsyncIterator[tuple[int, Completion | RequestFailed]]:
+        """Complete every message list; yield (index, Completion or RequestFailed) as each finishes."""
+        async for index, result in bounded_map(lambda messages: self.complete(messages, **params), requests,
+                                               self.cfg.concurrency):
+            yield index, result
+
+    async def complete_all(self, requests: Sequence[Sequence[dict]], **params) -> list[Completion | RequestFailed]:
+        """complete_many, collected in the order of `requests`."""
+        results: list = [None] * len(requests)
+        async for index, result in self.complete_many(requests, **params):
+            results[index] = result
+        return results
+
+
+async def bounded_map(fn, items: Sequence, concurrency: int) -> AsyncIterator[tuple[int, object]]:
+    """Run `await fn(item)` for every item, at most `concurrency` at once; yield (index, result or
+    RequestFailed) in completion order. Other exceptions (LLMConfigError, bugs) cancel the rest and
+    propagate. Only `concurrency` tasks exist at any time, so millions of items cost no memory."""
+    iterator = iter(enumerate(items))
+    running: dict[asyncio.Task, int] = {}
+
+    def start_next() -> None:
+        for index, item in iterator:
+            running[asyncio.ensure_future(fn(item))] = index
+            return
+
+    for _ in range(concurrency):
+        start_next()
+    try:
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = running.pop(task)
+                try:
+                    result = task.result()
+                except RequestFailed as e:
+                    result = e
+                start_next()
+                yield index, result
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)

@@ -1,0 +1,193 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 (aiohttp), for tests and benchmarks.
+
+It speaks the protocol over real HTTP, answers with a reply function of the request, counts what it
+sees, and can be told to misbehave:
+
+    with OpenAIServer(reply=lambda body: "You are a user ... to x.", latency_s=0.05) as server:
+        client_cfg.base_url = server.base_url           # http://127.0.0.1:<port>/v1
+        server.faults.extend(["429", "500"])          # the next two requests fail, in order
+        server.rules.append((lambda body: "poison" in str(body), "malformed"))   # always, for these
+        server.hang_after = 10                        # after 10 replies, hold new requests (None: stop)
+        ...
+        server.stats.replies, server.stats.max_in_flight, server.stats.answered (prompt -> replies)
+
+Faults: "429" (with Retry-After: retry_after_s), "500", "503", "400", "401", "slow" (sleeps slow_s
+before answering), "malformed" (200 with a body that is not a chat completion), "disconnect"
+(closes the connection without a response), "bad_intent" (200 whose text is two paragraphs).
+`api_key`: when set, requests without "Authorization: Bearer <api_key>" get 401.
+
+Run alone (for benchmarks, in its own process so it does not share the client's GIL):
+    python -m tests.openai_server --latency 0.2      # prints the base URL, serves until killed;
+                                                     # GET /stats returns the counters as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import socket
+import threading
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from aiohttp import web
+
+INTENT_PREFIX = "You are a user chatting with an assistant language model to"
+
+
+def prompt_digest(body: dict) -> str:
+    return hashlib.sha1(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def intent_reply(body: dict) -> str:
+    """A well-formed intent, distinct per prompt."""
+    return f"{INTENT_PREFIX} get help with request {prompt_digest(body)}."
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0                 # requests received (any outcome)
+    replies: int = 0                  # 200 chat completions sent
+    faults: Counter = field(default_factory=Counter)        # fault -> times served
+    answered: Counter = field(default_factory=Counter)      # prompt digest -> completions sent
+    in_flight: int = 0
+    max_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class OpenAIServer:
+    def __init__(self, reply: Callable[[dict], str] = intent_reply, latency_s: float = 0.0, slow_s: float = 5.0,
+                 retry_after_s: float = 0.05, api_key: Optional[str] = None, port: int = 0):
+        self.reply, self.latency_s, self.slow_s, self.retry_after_s = reply, latency_s, slow_s, retry_after_s
+        self.api_key, self.port = api_key, port
+        self.faults: deque[str] = deque()
+        self.rules: list[tuple[Callable[[dict], bool], str]] = []
+        self.hang_after: Optional[int] = None
+        self.stats = ServerStats()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # ---- the protocol ------------------------------------------------------------------------
+    def _fault(self, body: dict) -> Optional[str]:
+        if self.faults:
+            return self.faults.popleft()
+        return next((fault for matches, fault in self.rules if matches(body)), None)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            stats.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
+        body = await request.json()
+        fault = self._fault(body)
+        if fault:
+            self.stats.faults[fault] += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.hang_after is not None and self.stats.replies >= self.hang_after:
+            await asyncio.Event().wait()  # held until the server stops; never counted as answered
+        if fault == "429":
+            return web.json_response({"error": {"message": "rate limited"}}, status=429,
+                                     headers={"Retry-After": str(self.retry_after_s)})
+        if fault in ("500", "503", "400", "401"):
+            return web.json_response({"error": {"message": f"injected {fault}"}}, status=int(fault))
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+        if fault == "malformed":
+            return web.Response(text='{"choices": [{"message": ', content_type="application/json")
+        if fault == "disconnect":
+            request.transport.close()
+            return web.Response()
+        text = "First paragraph.\n\nSecond paragraph." if fault == "bad_intent" else self.reply(body)
+        usage = {"prompt_tokens": len(json.dumps(body["messages"])) // 4, "completion_tokens": len(text) // 4 + 1}
+        self.stats.replies += 1
+        self.stats.answered[prompt_digest(body)] += 1
+        self.stats.prompt_tokens += usage["prompt_tokens"]
+        self.stats.completion_tokens += usage["completion_tokens"]
+        return web.json_response({
+            "id": f"chatcmpl-{self.stats.replies}", "object": "chat.completion", "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        })
+
+    async def stats_json(self, request: web.Request) -> web.Response:
+        return web.json_response({k: v for k, v in asdict(self.stats).items() if k != "answered"})
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def serve(self, started: Optional[threading.Event] = None) -> None:
+        """Serve on this event loop until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/stats", self.stats_json)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, backlog=1024).start()
+        if started:
+            started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    def start(self) -> "OpenAIServer":
+        """Serve from a background thread with its own event loop."""
+        started = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve_until_stopped(started)), daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("the test OpenAI server did not start")
+        return self
+
+    async def _serve_until_stopped(self, started: threading.Event) -> None:
+        self._task = asyncio.current_task()
+        try:
+            await self.serve(started)
+        except asyncio.CancelledError:
+            pass
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(10)
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every reply")
+    args = parser.parse_args()
+    server = OpenAIServer(latency_s=args.latency, port=args.port)
+
+    async def main():
+        started = threading.Event()
+        task = asyncio.ensure_future(server.serve(started))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        print(server.base_url, flush=True)
+        await task
+
+    asyncio.run(main())
