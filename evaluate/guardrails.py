@@ -194,7 +194,7 @@ class TurnGuardrails:
     attempts: int = 0                                            # samples drawn for this turn
     rejected: dict[str, int] = field(default_factory=dict)       # resampling guardrail -> samples rejected
     failed: list[str] = field(default_factory=list)              # guardrails the kept sample still breaks
-    intervened: dict[str, bool] = field(default_factory=dict)    # logits guardrail -> intervened on a sample
+    intervened: dict[str, bool] = field(default_factory=dict)    # guardrail -> intervened on some sample
     removed_mass: dict[str, float] = field(default_factory=dict)  # logits guardrail -> probability removed
 
     def add_sample(self, record: RowRecord, violations: list[str]) -> None:
@@ -205,6 +205,7 @@ class TurnGuardrails:
             self.removed_mass[name] = self.removed_mass.get(name, 0.0) + mass
         for name in violations:
             self.rejected[name] = self.rejected.get(name, 0) + 1
+            self.intervened[name] = True
 
     def to_dict(self) -> dict:
         return {"attempts": self.attempts, "rejected": dict(sorted(self.rejected.items())), "failed": self.failed,
@@ -215,16 +216,15 @@ class TurnGuardrails:
 def guardrail_report(turns: Sequence[dict], enabled: dict[str, bool]) -> dict:
     """Rates of each guardrail's interventions over user turns (dicts from TurnGuardrails.to_dict).
 
-    rate = turns on which the guardrail intervened / user turns generated. The resampling guardrails
-    also count every rejected sample (`samples_rejected`, the kept sample included when the budget ran
-    out) and the turns whose retry budget ran out (`failures`); the logits guardrails the mean
-    probability mass they removed per turn.
+    rate = turns on which the guardrail intervened / user turns generated (the end turns included).
+    samples_rejected: samples a resampling check rejected (the kept one too when the budget ran out);
+    failures: turns whose retry budget ran out with this guardrail still broken; mean_removed_mass:
+    probability mass a logits guardrail masked, per turn.
     """
     n = len(turns)
     intervened, rejected, failures, mass = Counter(), Counter(), Counter(), Counter()
     for t in turns:
         intervened.update(name for name, value in t["intervened"].items() if value)
-        intervened.update(name for name, count in t["rejected"].items() if count)
         rejected.update(t["rejected"])
         failures.update(t["failed"])
         mass.update(t["removed_mass"])
@@ -232,12 +232,9 @@ def guardrail_report(turns: Sequence[dict], enabled: dict[str, bool]) -> dict:
     report = {"user_turns": n, "samples": sum(t["attempts"] for t in turns),
               "failed_turns": failed_turns, "failure_rate": _rate(failed_turns, n)}
     for name in GUARDRAILS:
-        entry = {"enabled": enabled[name], "turns_intervened": intervened[name], "rate": _rate(intervened[name], n)}
-        if name in ("length", "repetition"):
-            entry.update(samples_rejected=rejected[name], failures=failures[name])
-        else:
-            entry["mean_removed_mass"] = _rate(mass[name], n)
-        report[name] = entry
+        report[name] = {"enabled": enabled[name], "turns_intervened": intervened[name],
+                        "rate": _rate(intervened[name], n), "samples_rejected": rejected[name],
+                        "failures": failures[name], "mean_removed_mass": _rate(mass[name], n)}
     return report
 
 

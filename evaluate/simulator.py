@@ -1,7 +1,7 @@
 """Simulating users with a user LM: the importable API behind `python -m evaluate.simulate`.
 
     from evaluate.simulator import UserSimulator, SamplingSettings, GuardrailSettings
-    sim = UserSimulator.from_pretrained("microsoft/UserLM-8b", SamplingSettings.card())
+    sim = UserSimulator.from_pretrained("microsoft/UserLM-8b", SamplingSettings.card(), GuardrailSettings())
     turn = sim.first_turn("You are a user chatting with an assistant language model to ...")
     turn.text                                   # the user's message
     turn = sim.next_turn(intent, [{"role": "user", "content": turn.text},
@@ -17,7 +17,9 @@ makes room for the next one.
 Generation goes through a `TurnSampler` backend: `sample(prompts, forbid_end, ban_first_word) ->
 [Sample]`. `HFTurnSampler` (transformers, left-padded batches, pad != EOS) is the one here; a vLLM
 backend implements the same method with vLLM logits processors (evaluate.guardrails holds the
-token analysis it needs). Guardrails: evaluate.guardrails.
+token analysis it needs). Prompts come from a prompting protocol (evaluate.protocols): `userlm`
+(UserLM-8b's format, for user LMs and base models) or `flipped_chat` (an instruct model playing the
+user). Guardrails: evaluate.guardrails.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from data_prep.chat_format import (END_CONVERSATION, END_OF_TEXT, EOT, USER, ChatEncoder, conversation_messages,
-                                   prepare_tokenizer)
+from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, USER
+from evaluate.protocols import make_protocol
 from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
 
 
@@ -72,6 +74,15 @@ class GuardrailSettings:
     intent_prefix: str = "You are a user chatting with an assistant language model to"
     max_retries: int = 5           # resamples of one turn before its failure is recorded (paper: not known)
 
+    @classmethod
+    def from_config(cls, cfg) -> "GuardrailSettings":
+        """From a `guardrails` config node (conf/simulate/config.yaml)."""
+        return cls(first_word=cfg.first_word.enabled, first_words=list(cfg.first_word.words),
+                   end_conversation=cfg.end_conversation.enabled, length=cfg.length.enabled,
+                   min_words=cfg.length.min_words, max_words=cfg.length.max_words,
+                   repetition=cfg.repetition.enabled, intent_prefix=cfg.repetition.intent_prefix,
+                   max_retries=cfg.max_retries)
+
     def enabled(self) -> dict[str, bool]:
         return {"first_word": self.first_word, "end_conversation": self.end_conversation,
                 "length": self.length, "repetition": self.repetition}
@@ -110,47 +121,62 @@ class TurnSampler(Protocol):
 
 
 # ---- the transformers backend --------------------------------------------------------------------
+def generate_batch(model, pad_token_id: int, prompts: Sequence[Sequence[int]], stop_token_ids: Sequence[int],
+                   generate_kwargs: dict, logits_processor: LogitsProcessor | None = None
+                   ) -> list[tuple[list[int], bool]]:
+    """Generate from token-id prompts in one left-padded batch: per prompt (new ids before the stop
+    token, whether a stop token ended it). The pad token must not be a stop token."""
+    if pad_token_id is None or pad_token_id in stop_token_ids:
+        raise ValueError("generation needs a pad token that is not a stop (EOS) token")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    processors = LogitsProcessorList([logits_processor] if logits_processor else [])
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
+                                eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id, **generate_kwargs)
+    results = []
+    for row in output[:, width:].tolist():
+        stop = next((k for k, token in enumerate(row) if token in stop_token_ids), None)
+        results.append((row[:stop], stop is not None))
+    return results
+
+
+def in_length_batches(prompts: Sequence[Sequence[int]], batch_size: int, generate) -> list:
+    """Call `generate(indices)` on batches of prompts of similar length (less padding); results in
+    the order of `prompts`."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, result in zip(chunk, generate(chunk)):
+            results[i] = result
+    return results
+
+
 class HFTurnSampler:
-    """Batched sampling with transformers' generate: left padding, pad != EOS, TurnGuard installed."""
+    """Batched sampling with transformers' generate, with TurnGuard installed."""
 
     def __init__(self, model, tokenizer, sampling: SamplingSettings, batch_size: int,
                  first_words: FirstWordBan | None, end_token_id: int | None, stop_token_ids: Sequence[int]):
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_token_ids:
-            raise ValueError("the user LM's tokenizer needs a pad token that is not a stop token")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.batch_size = batch_size
         self.first_words, self.end_token_id, self.stop_token_ids = first_words, end_token_id, list(stop_token_ids)
 
-    @torch.no_grad()
     def sample(self, prompts, forbid_end, ban_first_word):
-        # Similar lengths share a batch (less padding); results come back in the caller's order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        samples: list[Sample | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, sample in zip(chunk, self._sample_batch([prompts[i] for i in chunk],
-                                                           [forbid_end[i] for i in chunk], ban_first_word)):
-                samples[i] = sample
-        return samples
-
-    def _sample_batch(self, prompts, forbid_end, ban_first_word) -> list[Sample]:
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.model.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        guard = TurnGuard(width, self.first_words if ban_first_word else None, forbid_end, self.end_token_id,
-                          self.stop_token_ids, self.sampling.temperature,
-                          self.sampling.top_p if self.sampling.do_sample else 0.0)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     logits_processor=LogitsProcessorList([guard]), eos_token_id=self.stop_token_ids,
-                                     pad_token_id=pad, **self.sampling.generate_kwargs())
-        samples = []
-        for row, record in zip(output[:, width:].tolist(), guard.records):
-            stop = next((k for k, token in enumerate(row) if token in self.stop_token_ids), None)
-            text = self.tokenizer.decode(row[:stop], skip_special_tokens=True)
-            samples.append(Sample(text=text.strip(), ended=END_CONVERSATION in text, truncated=stop is None,
-                                  guard=record))
-        return samples
+        def generate(indices):
+            batch = [prompts[i] for i in indices]
+            guard = TurnGuard(max(len(p) for p in batch), self.first_words if ban_first_word else None,
+                              [forbid_end[i] for i in indices], self.end_token_id, self.stop_token_ids,
+                              self.sampling.temperature, self.sampling.top_p if self.sampling.do_sample else 0.0)
+            outputs = generate_batch(self.model, self.tokenizer.pad_token_id, batch, self.stop_token_ids,
+                                     self.sampling.generate_kwargs(), guard)
+            samples = []
+            for (ids, stopped), record in zip(outputs, guard.records):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                samples.append(Sample(text.strip(), END_CONVERSATION in text, not stopped, record))
+            return samples
+        return in_length_batches(prompts, self.batch_size, generate)
 
 
 def load_causal_lm(name_or_path: str, dtype: str, device: str, trust_remote_code: bool):
@@ -164,39 +190,65 @@ def load_causal_lm(name_or_path: str, dtype: str, device: str, trust_remote_code
     return model.to(device).eval()
 
 
+def stop_token_ids(protocol, model) -> list[int]:
+    """userlm: <|eot_id|> and <|end_of_text|>. flipped_chat: the instruct model's own EOS tokens."""
+    tokenizer = protocol.tokenizer
+    if protocol.name == "userlm":
+        return [tokenizer.convert_tokens_to_ids(t) for t in (EOT, END_OF_TEXT)]
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
 # ---- the simulator -------------------------------------------------------------------------------
 class UserSimulator:
-    """A user LM that writes user turns from an intent and the conversation so far, with guardrails."""
+    """A user LM that writes user turns from an intent and the conversation so far, with guardrails.
 
-    def __init__(self, model, tokenizer, sampling: SamplingSettings, guardrails: GuardrailSettings,
+    `protocol` (evaluate.protocols.make_protocol) renders prompts; its tokenizer is the model's.
+    The end of a conversation is <|endconversation|> in the generated text. Where it is one token of
+    the vocabulary the end_conversation guardrail masks it; otherwise (an instruct model writing it
+    as text) a sample that ends too early is resampled instead.
+    """
+
+    def __init__(self, model, protocol, sampling: SamplingSettings, guardrails: GuardrailSettings,
                  batch_size: int = 32, sampler: TurnSampler | None = None):
-        if END_CONVERSATION not in tokenizer.get_vocab():
-            raise ValueError("the user LM's tokenizer has no <|endconversation|>: prepare it with "
-                             "data_prep.chat_format.prepare_tokenizer (UserSimulator.from_pretrained does)")
-        self.tokenizer = tokenizer
-        self.encoder = ChatEncoder(self.tokenizer)
+        self.protocol = protocol
+        self.tokenizer = protocol.tokenizer
         self.guardrails = guardrails
-        self.end_token_id = self.tokenizer.convert_tokens_to_ids(END_CONVERSATION)
+        vocabulary = self.tokenizer.get_vocab()
+        self.end_token_id = vocabulary.get(END_CONVERSATION) if END_CONVERSATION in vocabulary else None
         first_words = FirstWordBan(self.tokenizer, guardrails.first_words) if guardrails.first_word else None
-        stops = [self.tokenizer.convert_tokens_to_ids(t) for t in (EOT, END_OF_TEXT)]
         self.sampler = sampler or HFTurnSampler(model, self.tokenizer, sampling, batch_size, first_words,
-                                                self.end_token_id, stops)
+                                                self.end_token_id, stop_token_ids(protocol, model))
+
+    @classmethod
+    def from_config(cls, user_model, sampling, guardrails) -> "UserSimulator":
+        """From the `user_model`, `sampling` and `guardrails` config nodes (conf/simulate/config.yaml)."""
+        return cls.from_pretrained(
+            user_model.name_or_path, SamplingSettings(**sampling), GuardrailSettings.from_config(guardrails),
+            user_model.batch_size, user_model.protocol, user_model.pad_token,
+            user_model.flipped_chat.system_prompt, user_model.flipped_chat.system_prompt_with_intent,
+            user_model.dtype, user_model.device, user_model.trust_remote_code)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, sampling: SamplingSettings | None = None,
-                        guardrails: GuardrailSettings | None = None, batch_size: int = 32,
-                        pad_token: str = "<|reserved_special_token_0|>", dtype: str = "auto", device: str = "auto",
+                        guardrails: GuardrailSettings | None = None, batch_size: int = 32, protocol: str = "userlm",
+                        pad_token: str = "<|reserved_special_token_0|>", system_prompt: str | None = None,
+                        system_prompt_with_intent: str | None = None, dtype: str = "auto", device: str = "auto",
                         trust_remote_code: bool = False) -> "UserSimulator":
-        """Load a user LM (hub id or local path) and its tokenizer, prepared for UserLM's chat format."""
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
-                                      pad_token)
+        """Load a user LM (hub id or local path) and its tokenizer. protocol userlm prepares the
+        tokenizer for UserLM's format (and gives a base model an <|endconversation|> row);
+        flipped_chat needs the two system prompts (see conf/simulate/config.yaml)."""
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = load_causal_lm(name_or_path, dtype, device, trust_remote_code)
+        prompts = make_protocol(protocol, tokenizer, end_token="token" if protocol == "userlm" else "plain_text",
+                                pad_token=pad_token, system_prompt=system_prompt,
+                                system_prompt_with_intent=system_prompt_with_intent)
+        if tokenizer.pad_token_id is None:
+            tokenizer.add_special_tokens({"pad_token": pad_token})
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # a base model that never saw <|endconversation|>
-        return cls(model, tokenizer, sampling or SamplingSettings.card(), guardrails or GuardrailSettings(), batch_size)
-
-    def prompt_ids(self, intent: str | None, turns: Sequence[dict]) -> list[int]:
-        return self.encoder.prompt_ids(conversation_messages(intent, turns, ended=False))
+        return cls(model, prompts, sampling or SamplingSettings.card(), guardrails or GuardrailSettings(), batch_size)
 
     def first_turn(self, intent: str | None) -> UserTurn:
         return self.generate([TurnRequest(intent, [], allow_end=False)])[0]
@@ -205,13 +257,13 @@ class UserSimulator:
         return self.generate([TurnRequest(intent, conversation, allow_end)])[0]
 
     def generate(self, requests: Sequence[TurnRequest]) -> list[UserTurn]:
-        """The next user turn of every request, sampled in batches; turns that break the length or
-        repetition guardrail are resampled (only those) up to `max_retries` times, then kept and
-        marked `failed`."""
+        """The next user turn of every request, sampled in batches. A sample that breaks a resampling
+        guardrail (length, repetition; end_conversation without an end token) is drawn again, only
+        for those requests, up to `max_retries` times; then the last sample is kept and marked failed."""
         g = self.guardrails
         length = LengthRule(g.min_words, g.max_words) if g.length else None
         prefix = g.intent_prefix if g.repetition else None
-        prompts = [self.prompt_ids(r.intent, r.turns) for r in requests]
+        prompts = [self.protocol.build_prompt(r.intent, r.turns) for r in requests]
         forbid_end = [g.end_conversation and not r.allow_end for r in requests]
         records = [TurnGuardrails() for _ in requests]
         turns: list[UserTurn | None] = [None] * len(requests)
@@ -222,9 +274,11 @@ class UserSimulator:
             retry = []
             for i, sample in zip(pending, samples):
                 request = requests[i]
-                earlier = [t["content"] for t in request.turns if t["role"] == USER]
-                violations = [] if sample.ended else turn_violations(sample.text, earlier, request.intent,
-                                                                      length, prefix)
+                if sample.ended:
+                    violations = ["end_conversation"] if forbid_end[i] else []
+                else:
+                    earlier = [t["content"] for t in request.turns if t["role"] == USER]
+                    violations = turn_violations(sample.text, earlier, request.intent, length, prefix)
                 records[i].add_sample(sample.guard, violations)
                 if violations and attempt < g.max_retries:
                     retry.append(i)
@@ -239,8 +293,8 @@ class UserSimulator:
 
 # ---- whole conversations -------------------------------------------------------------------------
 class Assistant(Protocol):
-    def reply(self, conversations: Sequence[Sequence[dict]]) -> list[str]:
-        """The assistant's next message for each conversation (user/assistant turns, user last)."""
+    def reply(self, conversations: Sequence[Sequence[dict]]) -> list:
+        """evaluate.assistants.AssistantReply (text, or error) for each conversation (user turn last)."""
 
 
 def plain(turns: Sequence[dict]) -> list[dict]:
@@ -254,8 +308,9 @@ def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items
 
     A conversation ends when the user sends <|endconversation|> (end_reason user_ended; allowed
     once `end_allowed_after` user turns were sent) or after `max_user_turns` answered user turns
-    (max_turns). Yielded record: id, intent, turns (user turns carry their guardrail metadata),
-    ended, end_reason, end_turn (the guardrail metadata of the ending sample, or None).
+    (max_turns), or when the assistant's request failed for good (assistant_error, with the error).
+    Yielded record: id, intent, turns (user turns carry their guardrail metadata), ended,
+    end_reason, end_turn (the guardrail metadata of the ending sample, or None).
     """
     queue = iter(items)
     active: list[dict] = []
@@ -280,7 +335,11 @@ def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items
         replies = assistant.reply([plain(c["turns"]) for c in waiting]) if waiting else []
         active = []
         for conversation, reply in zip(waiting, replies):
-            conversation["turns"].append({"role": "assistant", "content": reply})
+            if reply.text is None:
+                conversation.update(end_reason="assistant_error", assistant_error=reply.error)
+                yield conversation
+                continue
+            conversation["turns"].append({"role": "assistant", "content": reply.text})
             if _user_turns(conversation) >= max_user_turns:
                 conversation["end_reason"] = "max_turns"
                 yield conversation

@@ -1,0 +1,131 @@
+"""The assistant side of simulated conversations: a local HF model, any OpenAI-compatible endpoint,
+or a fixed script.
+
+An assistant answers many conversations at once: `reply(conversations) -> [AssistantReply]`, each
+conversation a list of {role, content} turns (user first, user last). It never sees the user's
+intent; its own system prompt (config) comes first.
+    hf        a local transformers model with its chat template (left-padded batches, pad != EOS)
+    openai    any chat-completions endpoint through data_prep.llm_client (the intents stage's client:
+              concurrency, retries, Retry-After, rate limits); a request that fails for good
+              becomes a reply with `error` set, and that conversation ends
+    scripted  reply k is `replies[k]` (the last one repeated): the hedging and diverting assistants of
+              the role- and intent-adherence metrics, deterministic and free
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Sequence
+
+from transformers import AutoTokenizer
+
+from data_prep.chat_format import ASSISTANT, SYSTEM
+from data_prep.llm_client import LLMClient, RequestFailed
+from evaluate.simulator import SamplingSettings, generate_batch, in_length_batches, load_causal_lm
+
+
+@dataclass
+class AssistantReply:
+    text: str | None
+    error: str | None = None      # why there is no text (a request that failed for good)
+
+
+def with_system(system_prompt: str | None, turns: Sequence[dict]) -> list[dict]:
+    return ([{"role": SYSTEM, "content": system_prompt}] if system_prompt else []) + list(turns)
+
+
+class HFAssistant:
+    def __init__(self, model, tokenizer, system_prompt: str | None, sampling: SamplingSettings, batch_size: int,
+                 stop_token_ids: Sequence[int], pad_token_id: int):
+        if not tokenizer.chat_template:
+            raise ValueError(f"assistant {tokenizer.name_or_path!r} has no chat template: set assistant.hf.chat_template")
+        self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+        self.sampling, self.batch_size = sampling, batch_size
+        self.stop_token_ids, self.pad_token_id = list(stop_token_ids), pad_token_id
+
+    @classmethod
+    def from_config(cls, cfg, system_prompt: str | None) -> "HFAssistant":
+        """cfg: assistant.hf (name_or_path, chat_template, pad_token, stop_tokens, dtype, device,
+        batch_size, trust_remote_code) with assistant.sampling."""
+        hf = cfg.hf
+        tokenizer = AutoTokenizer.from_pretrained(hf.name_or_path, trust_remote_code=hf.trust_remote_code)
+        if hf.chat_template:
+            tokenizer.chat_template = hf.chat_template
+        model = load_causal_lm(hf.name_or_path, hf.dtype, hf.device, hf.trust_remote_code)
+        if hf.stop_tokens:
+            stops = [tokenizer.convert_tokens_to_ids(t) for t in hf.stop_tokens]
+        else:
+            eos = model.generation_config.eos_token_id
+            stops = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
+        pad = tokenizer.pad_token_id
+        if pad is None or pad in stops:
+            pad = tokenizer.get_vocab().get(hf.pad_token)
+            if pad is None:
+                raise ValueError(f"assistant.hf.pad_token {hf.pad_token!r} is not in {hf.name_or_path}'s vocabulary")
+        sampling = SamplingSettings(**cfg.sampling)
+        return cls(model, tokenizer, system_prompt, sampling, hf.batch_size, stops, pad)
+
+    def reply(self, conversations: Sequence[Sequence[dict]]) -> list[AssistantReply]:
+        prompts = [self.tokenizer.apply_chat_template(with_system(self.system_prompt, turns), tokenize=True,
+                                                      add_generation_prompt=True, return_dict=False)
+                   for turns in conversations]
+
+        def generate(indices):
+            outputs = generate_batch(self.model, self.pad_token_id, [prompts[i] for i in indices],
+                                     self.stop_token_ids, self.sampling.generate_kwargs())
+            return [AssistantReply(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+                    for ids, _ in outputs]
+        return in_length_batches(prompts, self.batch_size, generate)
+
+
+class OpenAIAssistant:
+    def __init__(self, client_cfg, system_prompt: str | None, sampling: SamplingSettings):
+        self.client_cfg, self.system_prompt = client_cfg, system_prompt
+        self.params = {"max_tokens": sampling.max_new_tokens,
+                       "temperature": sampling.temperature if sampling.do_sample else 0.0}
+        if sampling.do_sample:
+            self.params["top_p"] = sampling.top_p
+
+    def reply(self, conversations: Sequence[Sequence[dict]]) -> list[AssistantReply]:
+        return asyncio.run(self._reply(conversations))
+
+    async def _reply(self, conversations) -> list[AssistantReply]:
+        async with LLMClient(self.client_cfg) as client:
+            results = await client.complete_all([with_system(self.system_prompt, turns) for turns in conversations],
+                                                **self.params)
+        return [AssistantReply(None, str(r)) if isinstance(r, RequestFailed) else AssistantReply(r.text.strip())
+                for r in results]
+
+
+class ScriptedAssistant:
+    def __init__(self, replies: Sequence[str]):
+        if not replies:
+            raise ValueError("assistant.scripted.replies is empty")
+        self.replies = list(replies)
+
+    def reply(self, conversations: Sequence[Sequence[dict]]) -> list[AssistantReply]:
+        return [AssistantReply(self.replies[min(sum(t["role"] == ASSISTANT for t in turns), len(self.replies) - 1)])
+                for turns in conversations]
+
+
+def make_assistant(cfg):
+    """The assistant that `cfg` (an AssistantConfig: kind, system_prompt, sampling, hf, openai,
+    scripted) describes."""
+    if cfg.kind == "hf":
+        return HFAssistant.from_config(cfg, cfg.system_prompt)
+    if cfg.kind == "openai":
+        return OpenAIAssistant(cfg.openai, cfg.system_prompt, SamplingSettings(**cfg.sampling))
+    if cfg.kind == "scripted":
+        return ScriptedAssistant(cfg.scripted.replies)
+    raise ValueError(f"assistant.kind={cfg.kind!r}: expected hf, openai or scripted")
+
+
+def describe(cfg) -> dict:
+    """Where the assistant's replies come from, for reports (an endpoint's key variable name, never the key)."""
+    if cfg.kind == "hf":
+        return {"kind": "hf", "model": cfg.hf.name_or_path}
+    if cfg.kind == "openai":
+        return {"kind": "openai", "base_url": cfg.openai.base_url, "model": cfg.openai.model,
+                "api_key_env": cfg.openai.api_key_env}
+    return {"kind": cfg.kind}

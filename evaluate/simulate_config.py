@@ -1,0 +1,129 @@
+"""Schemas of `python -m evaluate.simulate` and `python -m evaluate.intrinsic`: key names and types.
+
+Values live in conf/simulate/ and conf/intrinsic/ (YAML). Registered as the first entry of each
+defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from data_prep.llm_client import ClientConfig
+from evaluate.config import FlippedChatConfig
+from evaluate.perplexity import result_name
+
+
+@dataclass
+class SamplingConfig:
+    do_sample: bool = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    top_k: int = MISSING              # 0: off
+    max_new_tokens: int = MISSING
+
+
+@dataclass
+class UserModelConfig:
+    name_or_path: str = MISSING       # hub id or local directory
+    protocol: str = MISSING           # userlm | flipped_chat
+    flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
+    pad_token: str = MISSING
+    batch_size: int = MISSING         # turns sampled per generate call (and conversations in flight)
+    dtype: str = MISSING              # auto | float32 | bfloat16 | float16
+    device: str = MISSING             # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class FirstWordGuardrail:
+    enabled: bool = MISSING
+    words: list[str] = MISSING
+
+
+@dataclass
+class EndGuardrail:
+    enabled: bool = MISSING
+
+
+@dataclass
+class LengthGuardrail:
+    enabled: bool = MISSING
+    min_words: int = MISSING
+    max_words: int = MISSING
+
+
+@dataclass
+class RepetitionGuardrail:
+    enabled: bool = MISSING
+    intent_prefix: str = MISSING
+
+
+@dataclass
+class GuardrailsConfig:
+    first_word: FirstWordGuardrail = field(default_factory=FirstWordGuardrail)
+    end_conversation: EndGuardrail = field(default_factory=EndGuardrail)
+    length: LengthGuardrail = field(default_factory=LengthGuardrail)
+    repetition: RepetitionGuardrail = field(default_factory=RepetitionGuardrail)
+    max_retries: int = MISSING
+
+
+@dataclass
+class HFAssistantConfig:
+    name_or_path: Optional[str] = MISSING
+    chat_template: Optional[str] = MISSING   # null: the tokenizer's own
+    pad_token: str = MISSING                 # used when the tokenizer has no pad token distinct from EOS
+    stop_tokens: Optional[list[str]] = MISSING   # null: the model's EOS tokens
+    batch_size: int = MISSING
+    dtype: str = MISSING
+    device: str = MISSING
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class ScriptedAssistantConfig:
+    replies: list[str] = MISSING
+
+
+@dataclass
+class AssistantConfig:
+    kind: str = MISSING                      # hf | openai | scripted
+    system_prompt: Optional[str] = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    hf: HFAssistantConfig = field(default_factory=HFAssistantConfig)
+    openai: ClientConfig = field(default_factory=ClientConfig)
+    scripted: ScriptedAssistantConfig = field(default_factory=ScriptedAssistantConfig)
+
+
+@dataclass
+class IntentsSourceConfig:
+    path: str = MISSING               # JSONL of {id | conversation_hash, intent}, or a data_prep output dir
+    split: str = MISSING              # the split read from a data_prep output dir
+    limit: Optional[int] = MISSING    # the first N intents only
+
+
+@dataclass
+class ConversationConfig:
+    max_user_turns: int = MISSING     # answered user turns before the conversation is cut (max_turns)
+    end_allowed_after: int = MISSING  # user turns sent before <|endconversation|> is allowed
+
+
+@dataclass
+class SimulateConfig:
+    user_model: UserModelConfig = field(default_factory=UserModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
+    intents: IntentsSourceConfig = field(default_factory=IntentsSourceConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    seed: int = MISSING
+    output_dir: str = MISSING
+    progress: bool = MISSING
+
+
+ConfigStore.instance().store(name="simulate_schema", node=SimulateConfig)
+# ${model_dir:<model>,<protocol>}: a directory name for a model id or path (as evaluate.perplexity names results)
+OmegaConf.register_new_resolver("model_dir", result_name, replace=True)

@@ -1,0 +1,76 @@
+"""Inputs and outputs of `python -m evaluate.simulate`: intents in, transcripts and a summary out.
+
+Transcripts are an append-only JSONL, one finished conversation per line, written, flushed and
+fsynced one at a time (the intents store's writer, data_prep.intents.store), so a killed run loses
+only the conversations in flight; a torn last line is cut off before appending again. A record:
+    id, intent, turns [{role, content, + for user turns: truncated, guardrails}], ended,
+    end_reason (user_ended | max_turns | assistant_error), end_turn (guardrails of the end sample)
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import datasets
+
+from data_prep import artifacts
+from data_prep.chat_format import USER
+from data_prep.intents.store import IntentWriter as TranscriptWriter  # a durable JSONL appender
+from data_prep.intents.store import _lines as jsonl_rows              # rows; a torn last line -> None
+from data_prep.intents.store import read_intents
+from evaluate.guardrails import guardrail_report
+
+__all__ = ["TranscriptWriter", "read_intent_items", "read_transcripts", "summarise"]
+
+
+def read_intent_items(path: str, split: str, limit: int | None) -> tuple[list[dict], dict]:
+    """[{id, intent}] and their provenance, from an intents JSONL ({conversation_hash, intent}: the
+    store data_prep reads) or from a data_prep output directory (its conversations/<split>)."""
+    source = Path(path)
+    if source.is_dir():
+        if not artifacts.is_complete(source):
+            raise FileNotFoundError(f"{source} is not a complete data_prep output (no COMPLETED marker)")
+        rows = datasets.load_from_disk(str(source / "conversations" / split)).select_columns(
+            ["conversation_hash", "intent"]).to_list()
+        pairs = [(row["conversation_hash"], row["intent"]) for row in rows]
+        provenance = {"data_dir": str(source), "split": split,
+                      "manifest_sha256": artifacts.sha256_of(source / "manifest.json")}
+    else:
+        pairs = list(read_intents(source).items())
+        provenance = {"file": str(source), "sha256": artifacts.sha256_of(source)}
+    seen = Counter()
+    items = []
+    for conversation_hash, intent in pairs[:limit]:
+        seen[conversation_hash] += 1  # WildChat's hashes can repeat: later copies get a suffix
+        suffix = f"#{seen[conversation_hash] - 1}" if seen[conversation_hash] > 1 else ""
+        items.append({"id": conversation_hash + suffix, "intent": intent})
+    return items, {**provenance, "intents": len(items)}
+
+
+def read_transcripts(path: Path) -> list[dict]:
+    """Every finished conversation in the transcripts file (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [row for _, row in jsonl_rows(path) if row is not None]
+
+
+def summarise(records: list[dict], enabled: dict[str, bool]) -> dict:
+    """Turns per conversation, end reasons and the guardrails' intervention rates of a run."""
+    user_turns = [sum(t["role"] == USER for t in r["turns"]) for r in records]
+    generated = [t["guardrails"] for r in records for t in r["turns"] if t["role"] == USER]
+    generated += [r["end_turn"] for r in records if r["end_turn"] is not None]
+    truncated = sum(t["truncated"] for r in records for t in r["turns"] if t["role"] == USER)
+    return {
+        "conversations": len(records),
+        "user_turns_per_conversation": {
+            "mean": round(statistics.fmean(user_turns), 6) if user_turns else 0.0,
+            "median": statistics.median(user_turns) if user_turns else 0,
+            "min": min(user_turns, default=0), "max": max(user_turns, default=0),
+            "histogram": {str(k): v for k, v in sorted(Counter(user_turns).items())},
+        },
+        "end_reasons": dict(sorted(Counter(r["end_reason"] for r in records).items())),
+        "truncated_user_turns": truncated,
+        "guardrails": guardrail_report(generated, enabled),
+    }
