@@ -75,3 +75,59 @@ def tiny_data(tiny_assets, tmp_path_factory) -> Path:
 def tiny_prism(tiny_assets, tmp_path_factory) -> Path:
     """data_prep's output on the PRISM sample (a test split only)."""
     return run_data_prep(tiny_assets, tmp_path_factory.mktemp("data") / "prism", "dataset=prism")
+
+
+
+
+BIASED_TURN = "learn how to cook falafel at home"   # the body of an intent in the sample
+
+
+def train_biased_user_lm(tiny_assets: Path, tiny_data: Path, out: Path, steps: int = 25, seed: int = 0) -> Path:
+    """The tiny model trained for a few steps (plain AdamW, seconds) to answer every prompt of the
+    chat format with BIASED_TURN or <|endconversation|>, about half each, whatever the context.
+
+    A user LM with exactly the habits the guardrails exist for: it ends conversations at once,
+    repeats its earlier turn, copies an intent and always opens with the same word. The random model
+    shows none of these often enough to test; this one shows them on nearly every sample. Saved
+    with the data's prepared tokenizer.
+    """
+    import random
+
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.chat_format import END_CONVERSATION, USER, ChatEncoder, conversation_messages
+    tokenizer = AutoTokenizer.from_pretrained(tiny_data / "tokenizer")
+    encoder = ChatEncoder(tokenizer)
+    conversations = datasets.load_from_disk(str(tiny_data / "conversations" / "train")).to_list()
+    rng = random.Random(seed)
+    examples = []
+    for row in conversations:
+        history = row["turns"][:2 * rng.randint(0, min(2, len(row["turns"]) // 2))]
+        prompt = encoder.prompt_ids(conversation_messages(row["intent"], history, ended=False))
+        if len(prompt) <= 96:  # short sequences: fast steps
+            target = encoder.encode_bodies([BIASED_TURN if len(examples) % 2 else END_CONVERSATION])[0]
+            examples.append((prompt + target, [-100] * len(prompt) + target))
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        batch = rng.sample(examples, 16)
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
+        mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def biased_user_lm(tiny_assets, tiny_data, tmp_path_factory) -> Path:
+    """<dir> with the biased tiny user LM and its tokenizer (train_biased_user_lm)."""
+    return train_biased_user_lm(tiny_assets, tiny_data, tmp_path_factory.mktemp("biased_user_lm"))
