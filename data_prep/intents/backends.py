@@ -134,12 +134,14 @@ class HFBackend(BatchedBackend):
     def describe(self) -> dict:
         return {"batch_size": self.batch_size, "device": self.cfg.hf.device, "dtype": self.cfg.hf.dtype}
 
-    def _load(self) -> None:
+    def load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         hf = self.cfg.hf
         self._tokenizer = AutoTokenizer.from_pretrained(hf.model, trust_remote_code=hf.trust_remote_code)
         self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:  # generation only: pad positions are masked out
+            self._tokenizer.pad_token = self._tokenizer.eos_token
         self._model = AutoModelForCausalLM.from_pretrained(hf.model, dtype=getattr(torch, hf.dtype),
                                                            trust_remote_code=hf.trust_remote_code)
         self._model.to(hf.device).eval()
@@ -153,7 +155,7 @@ class HFBackend(BatchedBackend):
     def generate_texts(self, messages, temperature, seed):
         import torch
         if self._model is None:
-            self._load()
+            self.load()
         tokenizer = self._tokenizer
         prompts = [self.format_prompt(m) for m in messages]
         # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
@@ -161,13 +163,11 @@ class HFBackend(BatchedBackend):
                           add_special_tokens=not tokenizer.chat_template).to(self.cfg.hf.device)
         eos = self._model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-        # Generation only: pad positions are masked, so reusing EOS as the pad id changes nothing.
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
         torch.manual_seed(seed)
         with torch.no_grad():
             output = self._model.generate(**batch, max_new_tokens=self.cfg.generation.max_tokens,
                                           do_sample=temperature > 0, temperature=temperature or None,
-                                          top_p=None, top_k=None, pad_token_id=pad_id)
+                                          top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         results = []
         for prompt_tokens, row in zip(batch["attention_mask"].sum(dim=1).tolist(),
                                       output[:, batch["input_ids"].shape[1]:].tolist()):
