@@ -3,6 +3,8 @@
     python -m data_prep experiment=tiny                    # the embedded sample, seconds on CPU
     python -m data_prep experiment=tiny dataset=prism      # the PRISM sample, as an evaluation set
     python -m data_prep experiment=paper intents.path=intents.jsonl   # WildChat-1M from the hub
+    python -m data_prep experiment=paper intents.backend=openai ...    # generate the intents first
+                                                                       # (see data_prep/intents/__main__.py)
 
 Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
 Outputs in `output_dir`, written atomically (a COMPLETED marker last):

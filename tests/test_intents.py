@@ -19,7 +19,7 @@ from data_prep.intents import read_intents
 from data_prep.intents.__main__ import run as run_intents
 from data_prep.intents.backends import HFBackend
 from data_prep.intents.checks import check_reply
-from data_prep.intents.prompt import build_messages, render_conversation
+from data_prep.intents.prompt import IntentPrompt
 from data_prep.intents.store import IntentWriter
 from tests.conftest import REPO, SAMPLE, compose_config, run_data_prep
 from tests.openai_server import INTENT_PREFIX, OpenAIServer, prompt_digest
@@ -53,7 +53,7 @@ def saved_intents(data_dir) -> dict[str, str]:
 def test_prompt_has_instruction_three_examples_and_the_conversation():
     prompt_cfg = compose_config("data_prep", ["experiment=tiny"]).intents.prompt
     turns = [{"role": "user", "content": "Plan a trip to Lisbon"}, {"role": "assistant", "content": "Sure."}]
-    messages = build_messages(prompt_cfg, turns)
+    messages = IntentPrompt(prompt_cfg).messages(turns)
     assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3 + ["user"]
     assert INTENT_PREFIX in messages[0]["content"]
     assert all(m["content"].startswith(INTENT_PREFIX) for m in messages[2:7:2])
@@ -67,7 +67,7 @@ def test_long_conversations_are_cut_to_the_budget():
     first = "START " + "x" * 1000 + " END?"
     turns = [{"role": "user", "content": first}] + [
         {"role": role, "content": f"{role} turn {i} " + "y" * 300} for i in range(10) for role in ("assistant", "user")]
-    text = render_conversation(turns, prompt_cfg)
+    text = IntentPrompt(prompt_cfg).messages(turns)[-1]["content"]
     assert text.startswith("<user>\nSTART ") and "END?\n</user>" in text and "[...]" in text
     assert len(text) <= 100 * 4 + 60 and text.endswith("later turns not shown]")
     assert "assistant turn 0" in text and "user turn 9" not in text
