@@ -16,7 +16,7 @@ cost and context guard, not an exact count. How a conversation is cut:
      at the start and end of a pasted text;
   2. turns are then taken in order while the total stays within `conversation_tokens`; the later
      turns that do not fit are dropped and replaced by one line saying how many were left out.
-The first user turn is always kept (its cap is at most the budget).
+The first user turn is always kept (cut to the whole budget if that is smaller than its cap).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def render_conversation(turns: list[dict], prompt: dict) -> str:
     budget = prompt["budget"]
     rendered, used = [], 0
     for i, turn in enumerate(turns):
-        cap = (budget["first_user_turn_tokens"] if i == 0 else
+        cap = (min(budget["first_user_turn_tokens"], budget["conversation_tokens"]) if i == 0 else
                budget["user_turn_tokens"] if turn["role"] == "user" else budget["assistant_turn_tokens"])
         content = cut_middle(turn["content"].strip(), cap, budget["chars_per_token"], prompt["cut_marker"])
         text = prompt["turn_format"].format(role=turn["role"], content=content)
@@ -64,8 +64,6 @@ class IntentPrompt:
         self.config = resolved_config(prompt_cfg)
         self.version = self.config["version"]
         self.fingerprint = config_hash(self.config)  # intents made with an edited text are told apart
-        if self.config["budget"]["first_user_turn_tokens"] > self.config["budget"]["conversation_tokens"]:
-            raise ValueError("intents.prompt.budget.first_user_turn_tokens must be <= conversation_tokens")
         self.few_shot = [{"role": "system", "content": self.config["instruction"].strip()}]
         for example in self.config["examples"]:
             self.few_shot.append({"role": "user", "content": render_conversation(example["conversation"], self.config)})
