@@ -26,7 +26,8 @@ def local_files(source: str) -> list[Path] | None:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        # A folder of shards: its parquet files if it has any, else its JSON Lines files.
+        files = sorted(path.rglob("*.parquet")) or sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json"))
         if not files:
             raise FileNotFoundError(f"{source}: no .parquet or .jsonl files in this folder")
         return files
@@ -43,10 +44,7 @@ def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
     check = CHECKS[kind]
     files = local_files(data_cfg.source)
     if files is not None:
-        formats = {".parquet": "parquet"}
-        builder = formats.get(files[0].suffix, "json")
-        if any(formats.get(f.suffix, "json") != builder for f in files):
-            raise ValueError(f"{data_cfg.source}: mixes parquet and json files")
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
         kwargs = {}
         if builder == "parquet":
             for f in files:
