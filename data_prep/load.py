@@ -16,7 +16,7 @@ from data_prep import schemas
 from data_prep.artifacts import sha256_of
 
 log = logging.getLogger(__name__)
-PARQUET_COLUMNS = {"wildchat": list(schemas.WILDCHAT_COLUMNS)}
+PARQUET_COLUMNS = {"wildchat": schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL}
 CHECKS = {"wildchat": schemas.check_wildchat, "prism": schemas.check_prism}
 
 
@@ -49,14 +49,15 @@ def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
         if builder == "parquet":
             for f in files:
                 check(pq.read_schema(f), str(f))
-            kwargs["columns"] = PARQUET_COLUMNS.get(kind)
+            present = pq.read_schema(files[0]).names
+            kwargs["columns"] = [c for c in PARQUET_COLUMNS.get(kind, present) if c in present]
         dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
         if builder == "json":
             check(dataset.data.schema, str(data_cfg.source))
         provenance = {"source": str(data_cfg.source),
                       "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files]}
     else:
-        kwargs = {"columns": PARQUET_COLUMNS[kind]} if kind in PARQUET_COLUMNS else {}
+        kwargs = {"columns": list(PARQUET_COLUMNS[kind])} if kind in PARQUET_COLUMNS else {}
         dataset = datasets.load_dataset(data_cfg.source, data_cfg.hub_config, revision=data_cfg.revision,
                                         split="train", **kwargs)
         check(dataset.data.schema, data_cfg.source)

@@ -52,6 +52,8 @@ def run(cfg) -> Path:
 
     # ---- load --------------------------------------------------------------------------------
     raw, provenance = load_source(cfg.data)
+    if cfg.data.kind == "wildchat" and cfg.filters.languages is not None and "language" not in raw.column_names:
+        raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
     fingerprint = artifacts.config_hash(FORMAT_VERSION, provenance, artifacts.resolved_config(cfg.filters))
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 

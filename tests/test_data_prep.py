@@ -157,8 +157,8 @@ def _write_wildchat(path: Path, mutate) -> Path:
 
 def test_missing_column_is_an_error_naming_file_and_column(tiny_assets, tmp_path):
     bad = _write_wildchat(tmp_path / "bad.parquet",
-                          lambda rows: pa.Table.from_pylist(rows, schema=WILDCHAT_SCHEMA).drop_columns(["language"]))
-    with pytest.raises(ValueError, match=r"bad\.parquet: missing column 'language'"):
+                          lambda rows: pa.Table.from_pylist(rows, schema=WILDCHAT_SCHEMA).drop_columns(["conversation"]))
+    with pytest.raises(ValueError, match=r"bad\.parquet: missing column 'conversation'"):
         run_data_prep(tiny_assets, tmp_path / "out", f"data.source={bad}")
 
 
@@ -206,3 +206,22 @@ def test_unknown_config_key_is_an_error():
     from conftest import compose_config
     with pytest.raises(ConfigCompositionException):
         compose_config("data_prep", ["experiment=tiny", "filters.toxicity=true"])
+
+
+def test_own_chat_logs_need_only_hash_and_turns(tiny_assets, tmp_path):
+    """A JSON Lines file of {conversation_hash, conversation: [{role, content}]} is enough."""
+    logs = tmp_path / "logs.jsonl"
+    rows = [{"conversation_hash": f"log{i}", "conversation": [{"role": "user", "content": f"question {i} about tea"},
+                                                             {"role": "assistant", "content": "an answer"}]}
+            for i in range(20)]
+    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    intents = tmp_path / "intents.jsonl"
+    intents.write_text("".join(json.dumps({"conversation_hash": r["conversation_hash"], "intent": "to ask"}) + "\n"
+                               for r in rows))
+    with pytest.raises(ValueError, match="no 'language' column"):
+        run_data_prep(tiny_assets, tmp_path / "out", f"data.source={logs}", f"intents.path={intents}")
+    out = run_data_prep(tiny_assets, tmp_path / "out", f"data.source={logs}", f"intents.path={intents}",
+                        "filters.languages=null", "filters.near_duplicates.enabled=false")
+    funnel = _funnel(out)
+    assert funnel["kept_total"] == 20 and funnel["events"]["no_user_id_own_user"] == 20
+    assert len(datasets.load_from_disk(str(out))["train"]) > 0
