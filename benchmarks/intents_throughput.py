@@ -9,7 +9,7 @@ so the best possible rate is concurrency / latency (64 / 0.2 s = 320 requests/s)
   2. stage:   the whole intents stage (generate_intents: prompts from conversations, requests,
               output checks, one fsynced store line per intent, progress bar, report) on copies of
               the sample's conversations with distinct hashes;
-  3. store:   IntentWriter.append alone (write + fsync per row), rows/s.
+  3. store:   IntentWriter.append alone, rows/s, as configured and with an fsync per row.
 Prints the numbers and writes them as JSON (--out).
 """
 
@@ -33,6 +33,7 @@ import datasets  # noqa: E402
 import psutil  # noqa: E402
 
 from data_prep.intents.generate import generate_intents  # noqa: E402
+from data_prep.intents import store  # noqa: E402
 from data_prep.intents.store import IntentWriter  # noqa: E402
 from data_prep.llm_client import LLMClient  # noqa: E402
 from tests.conftest import SAMPLE, compose_config  # noqa: E402
@@ -78,16 +79,28 @@ def bench_client(client_cfg, requests: int) -> dict:
             "client_cpu_ms_per_request": round(1000 * cpu / requests, 3)}
 
 
-def bench_store(directory: Path, rows: int) -> dict:
+def store_rate(path: Path, rows: int) -> dict:
     row = {"conversation_hash": "x" * 32, "intent": "You are a user chatting with an assistant language model to "
            "get help planning a trip.", "prompt_version": "v1", "prompt_sha": "0" * 16, "model": "bench-model"}
-    with IntentWriter(directory / "store_bench.jsonl") as writer:
+    with IntentWriter(path) as writer:
         started = time.monotonic()
         for i in range(rows):
             writer.append({**row, "conversation_hash": f"{i:032d}"})
         wall = time.monotonic() - started
     return {"rows": rows, "wall_s": round(wall, 3), "rows_per_s": round(rows / wall, 1),
-            "fsync_ms_per_row": round(1000 * wall / rows, 3)}
+            "ms_per_row": round(1000 * wall / rows, 3)}
+
+
+def bench_store(directory: Path, rows: int) -> dict:
+    """The store as configured (a write per row, fsync every FSYNC_INTERVAL_S), and for comparison
+    with an fsync after every row."""
+    results = {"fsync_interval_s": store.FSYNC_INTERVAL_S, **store_rate(directory / "store_bench.jsonl", rows)}
+    interval, store.FSYNC_INTERVAL_S = store.FSYNC_INTERVAL_S, 0.0
+    try:
+        results["fsync_every_row"] = store_rate(directory / "store_bench_fsync.jsonl", max(50, rows // 20))
+    finally:
+        store.FSYNC_INTERVAL_S = interval
+    return results
 
 
 def main() -> None:
@@ -114,7 +127,7 @@ def main() -> None:
                      "requests_per_s": round(report["done"] / report["wall_time_s"], 1),
                      "client_cpu_ms_per_request": round(1000 * cpu / report["conversations"], 3),
                      "server_cpu_ms_per_request": round(1000 * server_cpu / report["conversations"], 3)}
-            store = bench_store(Path(tmp), args.store_rows)
+            store_results = bench_store(Path(tmp), args.store_rows)
     finally:
         server.kill()
         server.wait()
@@ -123,7 +136,7 @@ def main() -> None:
         "concurrency": args.concurrency, "latency_s": args.latency, "limit_requests_per_s": limit,
         "client": {**client, "fraction_of_limit": round(client["requests_per_s"] / limit, 3)},
         "stage": {**stage, "fraction_of_limit": round(stage["requests_per_s"] / limit, 3)},
-        "store": store,
+        "store": store_results,
         "hours_for_384k_intents_at_stage_rate": round(384_336 / stage["requests_per_s"] / 3600, 2),
         "machine": {"cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(), "platform": platform.platform()},
     }
@@ -137,7 +150,8 @@ def main() -> None:
           f"{results['hours_for_384k_intents_at_stage_rate']} h at this rate")
     print(f"CPU per request: client {stage['client_cpu_ms_per_request']} ms, server {stage['server_cpu_ms_per_request']} ms "
           f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print(f"store:  {store['rows_per_s']} rows/s ({store['fsync_ms_per_row']} ms per fsynced row)")
+    print(f"store:  {store_results['rows_per_s']} rows/s (fsync every {store_results['fsync_interval_s']} s); "
+          f"with an fsync per row: {store_results['fsync_every_row']['rows_per_s']} rows/s")
     print(f"wrote {out}")
 
 
