@@ -142,8 +142,12 @@ def run(cfg) -> Path:
     log.info("%s done in %.1f s", "flip + tokenize", time.perf_counter() - start)
     # ---- save --------------------------------------------------------------------------------
     with artifacts.atomic_directory(output_dir) as tmp:
-        datasets.DatasetDict(examples).save_to_disk(str(tmp))
-        datasets.DatasetDict(conversations).save_to_disk(str(tmp / "conversations"))
+        # An empty split is not saved (datasets cannot load one back); funnel.json still counts it.
+        for split in [s for s, ds in examples.items() if len(ds) == 0]:
+            log.warning("split %r is empty and is not written", split)
+        datasets.DatasetDict({s: ds for s, ds in examples.items() if len(ds)}).save_to_disk(str(tmp))
+        datasets.DatasetDict({s: ds for s, ds in conversations.items() if len(ds)}).save_to_disk(
+            str(tmp / "conversations"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         artifacts.write_json(tmp / "funnel.json", funnel.to_dict())
         artifacts.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

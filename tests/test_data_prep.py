@@ -225,3 +225,11 @@ def test_own_chat_logs_need_only_hash_and_turns(tiny_assets, tmp_path):
     funnel = _funnel(out)
     assert funnel["kept_total"] == 20 and funnel["events"]["no_user_id_own_user"] == 20
     assert len(datasets.load_from_disk(str(out))["train"]) > 0
+
+
+def test_an_empty_split_is_counted_but_not_written(tiny_assets, tmp_path):
+    out = run_data_prep(tiny_assets, tmp_path / "out", "data.limit=20")
+    funnel = _funnel(out)
+    empty = {s for s, n in funnel["kept"].items() if n == 0}
+    assert empty, "20 rows should leave a split empty"
+    assert set(datasets.load_from_disk(str(out))) == set(funnel["kept"]) - empty
