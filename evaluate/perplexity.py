@@ -89,6 +89,7 @@ def run(cfg) -> Path:
     name = cfg.name or result_name(cfg.model, cfg.protocol)
     out_path = Path(cfg.output_dir) / name / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
+    del config["overwrite"]  # what to do with an existing result, not how to compute one
     if out_path.exists() and not cfg.overwrite:
         if json.loads(out_path.read_text())["config"] == config:
             print(f"{out_path} exists with this config: nothing to do")
