@@ -27,7 +27,7 @@ def score(tmp_path, model, tiny_data, tiny_prism, *extra) -> dict:
     return json.loads(run(perplexity_config(tmp_path, model, tiny_data, tiny_prism, *extra)).read_text())
 
 
-def hand_computed_nll(model_dir, data_dir, intent: str) -> tuple[float, int]:
+def hand_computed_nll(model_dir, data_dir, intent: str, limit: int) -> tuple[float, int]:
     """Sum of target-token NLLs the plain way: each user turn's tokens are what apply_chat_template
     adds between the prompt before it and the prompt after it; each conversation prefix is scored by
     its own forward pass and a hand-written log-softmax lookup."""
@@ -35,7 +35,7 @@ def hand_computed_nll(model_dir, data_dir, intent: str) -> tuple[float, int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     header = tokenizer("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)["input_ids"]
     total, count = 0.0, 0
-    for row in datasets.load_from_disk(str(data_dir / "conversations" / "test")):
+    for row in datasets.load_from_disk(str(data_dir / "conversations" / "test")).select(range(limit)):
         messages = ([{"role": "system", "content": row["intent"]}] if intent == "task" else []) + row["turns"]
         messages += [{"role": USER, "content": END_CONVERSATION}] if row["ended"] else []
         for i, message in enumerate(messages):
@@ -53,8 +53,8 @@ def hand_computed_nll(model_dir, data_dir, intent: str) -> tuple[float, int]:
 
 @pytest.mark.parametrize("intent", ["task", "none"])
 def test_ppl_equals_a_hand_computation(tmp_path, tiny_userlm_model, tiny_data, tiny_prism, intent):
-    result = score(tmp_path, tiny_userlm_model, tiny_data, tiny_prism, f"intent={intent}")
-    total, count = hand_computed_nll(tiny_userlm_model, tiny_data, intent)
+    result = score(tmp_path, tiny_userlm_model, tiny_data, tiny_prism, f"intent={intent}", "limit=6")
+    total, count = hand_computed_nll(tiny_userlm_model, tiny_data, intent, limit=6)
     assert result["target_tokens"] == count
     assert result["nll_sum"] == pytest.approx(total, rel=1e-6)
     assert result["ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)

@@ -35,7 +35,7 @@ def build(cfg) -> Table:
     unknown = set(cfg.paper_rows.values()) - set(PAPER)
     if unknown:
         raise ValueError(f"paper_rows names rows the paper does not have: {sorted(unknown)}; rows: {list(PAPER)}")
-    names = sorted(p.name for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []
+    names = sorted({p.parent.name for p in results_dir.glob("*/*.json")})
     label = {name: cfg.paper_rows.get(name, name) for name in names}
     rows = list(PAPER) + [name for name in names if name not in cfg.paper_rows]
     cells: dict[tuple[str, str], Cell] = {}
