@@ -45,6 +45,7 @@ class PerplexityConfig:
     max_seq_len: int = MISSING
     max_tokens_per_batch: int = MISSING
     max_batch_size: int = MISSING
+    chunk_conversations: int = MISSING        # conversations flipped and scored (and saved) at a time
     device: str = MISSING                     # auto | cpu | cuda | cuda:N
     dtype: str = MISSING                      # auto | float32 | bfloat16 | float16
     limit: Optional[int] = MISSING            # first N conversations only

@@ -3,10 +3,12 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,3 +146,28 @@ def test_command_line(tmp_path, tiny_userlm_model, tiny_data, tiny_prism):
                     f"data_dirs.prism={tiny_prism}", "dataset=prism", "intent=none", "name=cli",
                     f"output_dir={tmp_path}"], check=True, cwd=tmp_path, env=env, timeout=300)
     assert json.loads((tmp_path / "cli" / "prism-none.json").read_text())["ppl"] > 1
+
+
+def test_a_stopped_run_resumes_from_its_saved_chunks(tmp_path, tiny_userlm_model, tiny_data, tiny_prism):
+    # A copy of the data whose 8th conversation has no intent: intent=task stops in the second chunk.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("train", "validation"))
+    good = datasets.load_from_disk(str(tiny_data / "conversations" / "test"))
+    broken = good.map(lambda row, i: {"intent": "" if i == 7 else row["intent"]}, with_indices=True)
+    shutil.rmtree(data / "conversations" / "test")
+    broken.save_to_disk(str(data / "conversations" / "test"))
+    overrides = ("chunk_conversations=5", "name=resumed")
+    with pytest.raises(ValueError, match="conversation 7 .* has no intent"):
+        run(perplexity_config(tmp_path, tiny_userlm_model, data, tiny_prism, *overrides))
+    [partial] = (tmp_path / "results" / "resumed").glob(".wildchat-task.partial-*")
+    [saved] = partial.glob("*.npz")
+    # Mark the saved chunk, so that the result shows it was reused, not recomputed.
+    arrays = dict(np.load(saved))
+    arrays["nll"][0] += 1.0
+    np.savez(saved, **arrays)
+    shutil.rmtree(data / "conversations" / "test")
+    good.save_to_disk(str(data / "conversations" / "test"))
+    resumed = json.loads(run(perplexity_config(tmp_path, tiny_userlm_model, data, tiny_prism, *overrides)).read_text())
+    fresh = score(tmp_path, tiny_userlm_model, data, tiny_prism, "chunk_conversations=5", "name=fresh")
+    assert resumed["nll_sum"] == pytest.approx(fresh["nll_sum"] + 1.0, rel=1e-12)
+    assert resumed["counts"] == fresh["counts"] and not partial.exists()
