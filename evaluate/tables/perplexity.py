@@ -44,6 +44,7 @@ def build(cfg) -> Table:
             cells[row, column] = Cell(paper=number)
     notes = []
     for name in names:
+        scoring = set()
         for column, (dataset, intent) in COLUMNS.items():
             path = results_dir / name / f"{dataset}-{intent or cfg.intent}.json"
             if not path.exists():
@@ -51,7 +52,9 @@ def build(cfg) -> Table:
             result = json.loads(path.read_text())
             cell = cells.setdefault((label[name], column), Cell())
             cell.ours, cell.ci, cell.source = result["ppl"], result["ppl_ci"], str(path)
-        notes.append(f"{label[name]}: {results_dir / name}")
+            scoring.add(f"protocol {result['protocol']}, {result['mode']}, <|endconversation|> "
+                        f"{result['end_token']['handling']}")
+        notes.append(f"{label[name]}: {results_dir / name} ({'; '.join(sorted(scoring)) or 'no result in these columns'})")
     notes.append(f"ours: intent=none for the no-intent columns, intent={cfg.intent} for the intent columns; "
                  "ours' bootstrap intervals over conversations are in the CSV")
     return Table(name="perplexity", title="Held-out perplexity of user turns (lower is better)",
