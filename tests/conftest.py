@@ -61,7 +61,8 @@ def run_data_prep(tiny_assets: Path, output_dir: Path, *extra: str) -> Path:
     from data_prep.pipeline import run
     overrides = data_prep_overrides(tiny_assets, output_dir, *extra)
     dataset = next((o.split("=", 1)[1] for o in extra if o.startswith("dataset=")), "wildchat")
-    overrides.append(f"data.source={SAMPLE / ('prism.jsonl' if dataset == 'prism' else 'wildchat.parquet')}")
+    if not any(o.startswith("data.source=") for o in extra):
+        overrides.append(f"data.source={SAMPLE / ('prism.jsonl' if dataset == 'prism' else 'wildchat.parquet')}")
     return run(compose_config("data_prep", overrides))
 
 
