@@ -17,6 +17,7 @@ from omegaconf import MISSING
 class FlippedChatConfig:
     system_prompt: str = MISSING              # intent=none
     system_prompt_with_intent: str = MISSING  # intent=task|generic; contains {intent}
+    template_kwargs: dict[str, str] = MISSING  # extra variables for the chat template
 
 
 @dataclass

@@ -137,12 +137,13 @@ def run(cfg) -> Path:
     # ---- model, tokenizer, protocol ----------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
                                               trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype,
-                                                 trust_remote_code=cfg.trust_remote_code).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype, device_map=device,
+                                                 trust_remote_code=cfg.trust_remote_code).eval()
     in_vocabulary, end_handling = end_token_handling(cfg, tokenizer, model)
     protocol = make_protocol(cfg.protocol, tokenizer, end_token=end_handling, pad_token=cfg.pad_token,
                              system_prompt=cfg.flipped_chat.system_prompt,
-                             system_prompt_with_intent=cfg.flipped_chat.system_prompt_with_intent)
+                             system_prompt_with_intent=cfg.flipped_chat.system_prompt_with_intent,
+                             template_kwargs=cfg.flipped_chat.template_kwargs)
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype} on {device}; "
           f"protocol {cfg.protocol}, <|endconversation|> {end_handling}")
 

@@ -104,3 +104,12 @@ def test_userlm_prompt_and_end_token_handling(tiny_assets, tiny_tokenizer):
                                  end_token=end_token, pad_token="<|reserved_special_token_0|>")
         [example] = protocol.examples(None, TURNS, ended=True, mode="per_conversation", max_seq_len=4096)
         assert tiny_tokenizer.decode(target_spans(example)[-1]) == last
+
+
+def test_flipped_chat_passes_template_variables(tiny_chatml_model):
+    # Llama-3.1/3.2 templates print today's date unless given date_string: the config fixes it.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    tokenizer.chat_template = "{{ 'Today Date: ' + date_string + '\\n' }}" + tokenizer.chat_template
+    protocol = make_protocol("flipped_chat", tokenizer, end_token="plain_text", **PROMPTS,
+                             template_kwargs={"date_string": "26 Jul 2024"})
+    assert tokenizer.decode(protocol.build_prompt(INTENT, TURNS[:2])).startswith("Today Date: 26 Jul 2024\n")
