@@ -1,0 +1,204 @@
+"""`python -m evaluate.perplexity`: held-out perplexity of user turns (the paper's first table).
+
+    python -m evaluate.perplexity experiment=tiny model=outputs/tiny/model name=tiny-untrained
+    python -m evaluate.perplexity experiment=paper model=microsoft/UserLM-8b dataset=prism intent=none
+    python -m evaluate.perplexity experiment=paper model=meta-llama/Llama-3.2-1B-Instruct protocol=flipped_chat
+    python -m evaluate.perplexity -m experiment=paper model=<m> dataset=wildchat,prism intent=none,task
+
+Reads data_prep's conversations (<data dir>/conversations/<split>), re-tokenizes them for the model
+with a prompting protocol (evaluate.protocols), scores every user-turn target token
+(evaluate.scoring) and writes <output_dir>/<name>/<dataset>-<intent>.json:
+    target_tokens, nll_sum, mean_nll, ppl = exp(nll_sum / target_tokens), ppl_ci (bootstrap over
+    conversations), breakdown (first_turn, follow_up_turns, end_of_conversation,
+    without_end_of_conversation, by_turn), end_token handling, counts, data fingerprint, resolved
+    config, package versions. No timings: the same config on the same machine gives the same bytes.
+A target token is every token of a user turn's body ("\\n" + text + <|eot_id|> in UserLM's format)
+and of the end-of-conversation target; system, headers and assistant turns are context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import datasets
+import hydra
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import evaluate.config  # noqa: F401  (registers the config schemas)
+from data_prep import artifacts
+from data_prep.chat_format import END_CONVERSATION, USER
+from evaluate.metrics import perplexity_report
+from evaluate.protocols import make_protocol
+from evaluate.scoring import score_examples
+
+INTENTS = ("none", "task", "generic")
+COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def result_name(model: str, protocol: str) -> str:
+    """A directory name for a model id or path: "/" -> "--", other unsafe characters -> "_"."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", "--".join(p for p in model.split("/") if p not in ("", ".")))
+    return name if protocol == "userlm" else f"{name}--{protocol}"
+
+
+def conversation_intent(cfg, row: dict, index: int) -> str | None:
+    if cfg.intent == "none":
+        return None
+    if cfg.intent == "generic":
+        return cfg.generic_intent
+    if not row["intent"]:
+        raise ValueError(f"conversation {index} ({row['conversation_hash']}) has no intent; intent=task needs one")
+    return row["intent"]
+
+
+def end_token_handling(cfg, tokenizer, model) -> tuple[bool, str]:
+    """Whether the model has a trained row for <|endconversation|>, and how the end target is scored."""
+    token_id = tokenizer.get_vocab().get(END_CONVERSATION)
+    in_vocabulary = token_id is not None and token_id < model.get_input_embeddings().num_embeddings
+    if cfg.missing_end_token not in ("plain_text", "exclude"):
+        raise ValueError(f"missing_end_token={cfg.missing_end_token!r}: expected plain_text or exclude")
+    return in_vocabulary, "token" if in_vocabulary else cfg.missing_end_token
+
+
+def data_fingerprint(data_dir: Path) -> dict:
+    """What determines the conversations: data_prep's input files, intents, filters and split."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return {"fingerprint": artifacts.config_hash(manifest["format_version"], manifest["input"],
+                                                 manifest["intents"]["sha256"], manifest["config"]["filters"],
+                                                 manifest["config"]["split"]),
+            "input": manifest["input"], "intents_sha256": manifest["intents"]["sha256"]}
+
+
+def score_chunk(cfg, protocol, model, rows: list[dict], first: int) -> dict:
+    """Flip conversations rows (numbered from `first`) into examples and score every target token."""
+    examples, owner = [], []
+    for index, row in enumerate(rows, start=first):
+        for example in protocol.examples(conversation_intent(cfg, row, index), row["turns"], row["ended"],
+                                         cfg.mode, cfg.max_seq_len):
+            examples.append(example)
+            owner.append(index)
+    scores = score_examples(model, [e.input_ids for e in examples], [e.labels for e in examples],
+                            cfg.max_tokens_per_batch, cfg.max_batch_size, progress=False)
+    starts = np.cumsum([0] + [len(e.target_turn) for e in examples])[:-1]
+    target_turn = np.concatenate([e.target_turn for e in examples] or [[]]).astype(np.int64)
+    truncated = np.asarray([e.truncated for e in examples], dtype=bool)
+    return {"nll": scores.nll, "conversation": np.asarray(owner, dtype=np.int64)[scores.example],
+            "user_turn": target_turn[starts[scores.example] + scores.position],
+            "examples": len(examples), "truncated_examples": int(truncated.sum()),
+            "target_tokens_in_truncated_examples": int(truncated[scores.example].sum()),
+            "forward_tokens": scores.forward_tokens, "padded_tokens": scores.padded_tokens}
+
+
+def save_chunk(path: Path, arrays: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(temporary, path)
+
+
+def run(cfg) -> Path:
+    # ---- config ------------------------------------------------------------------------------
+    if cfg.intent not in INTENTS:
+        raise ValueError(f"intent={cfg.intent!r}: expected one of {INTENTS}")
+    if cfg.dataset not in cfg.data_dirs:
+        raise ValueError(f"dataset={cfg.dataset!r}: expected one of data_dirs {sorted(cfg.data_dirs)}")
+    data_dir = Path(cfg.data_dirs[cfg.dataset])
+    if not artifacts.is_complete(data_dir):
+        raise FileNotFoundError(f"{data_dir} is not a complete data_prep output (no COMPLETED marker): "
+                                f"run python -m data_prep first")
+    name = cfg.name or result_name(cfg.model, cfg.protocol)
+    out_path = Path(cfg.output_dir) / name / f"{cfg.dataset}-{cfg.intent}.json"
+    config = artifacts.resolved_config(cfg)
+    del config["overwrite"]  # what to do with an existing result, not how to compute one
+    if out_path.exists() and not cfg.overwrite:
+        if json.loads(out_path.read_text())["config"] == config:
+            print(f"{out_path} exists with this config: nothing to do")
+            return out_path
+        raise FileExistsError(f"{out_path} holds a result of another config: set overwrite=true or name=...")
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    # ---- data --------------------------------------------------------------------------------
+    conversations = datasets.load_from_disk(str(data_dir / "conversations" / cfg.split))
+    if cfg.limit is not None:
+        conversations = conversations.select(range(min(cfg.limit, len(conversations))))
+    rows = conversations.select_columns(["conversation_hash", "intent", "turns", "ended"]).to_list()
+    if not rows:
+        raise ValueError(f"{data_dir}/conversations/{cfg.split} has no conversations")
+
+    # ---- model, tokenizer, protocol ----------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype, device_map=device,
+                                                 trust_remote_code=cfg.trust_remote_code).eval()
+    in_vocabulary, end_handling = end_token_handling(cfg, tokenizer, model)
+    protocol = make_protocol(cfg.protocol, tokenizer, end_token=end_handling, pad_token=cfg.pad_token,
+                             system_prompt=cfg.flipped_chat.system_prompt,
+                             system_prompt_with_intent=cfg.flipped_chat.system_prompt_with_intent,
+                             template_kwargs=cfg.flipped_chat.template_kwargs)
+    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype} on {device}; "
+          f"protocol {cfg.protocol}, <|endconversation|> {end_handling}")
+
+    # ---- flip + score, a chunk of conversations at a time --------------------------------------
+    # Chunks bound the memory of the token lists (the paper's per_turn set is 137k examples) and are
+    # the unit of resumption: each scored chunk is saved in `partial` until the result is written.
+    fingerprint = data_fingerprint(data_dir)
+    partial = out_path.parent / f".{out_path.stem}.partial-{artifacts.config_hash(config, fingerprint)}"
+    partial.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=len(rows), desc="score", unit="conversation")
+    chunks = []
+    for first in range(0, len(rows), cfg.chunk_conversations):
+        chunk_path = partial / f"{first:09d}.npz"
+        chunk = rows[first:first + cfg.chunk_conversations]
+        if not chunk_path.exists():
+            save_chunk(chunk_path, score_chunk(cfg, protocol, model, chunk, first))
+        chunks.append(dict(np.load(chunk_path)))
+        progress.update(len(chunk))
+    progress.close()
+    merged = {key: np.concatenate([c[key] for c in chunks]) for key in ("nll", "conversation", "user_turn")}
+    counts = {key: int(sum(c[key] for c in chunks)) for key in COUNTS}
+
+    # ---- metrics -----------------------------------------------------------------------------
+    num_user_turns = np.asarray([sum(t["role"] == USER for t in row["turns"]) for row in rows], dtype=np.int64)
+    is_end = merged["user_turn"] == num_user_turns[merged["conversation"]]  # the target after the last user turn
+    report = perplexity_report(merged["nll"], merged["conversation"], merged["user_turn"], is_end, len(rows),
+                               cfg.max_turn, cfg.bootstrap)
+
+    # ---- save --------------------------------------------------------------------------------
+    result = {
+        "model": {"name": name, "model": cfg.model, "revision": cfg.revision, "tokenizer": cfg.tokenizer or cfg.model,
+                  "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch.")},
+        "dataset": cfg.dataset, "split": cfg.split, "intent": cfg.intent, "protocol": cfg.protocol, "mode": cfg.mode,
+        "end_token": {"in_vocabulary": in_vocabulary, "handling": end_handling,
+                      "ended_conversations": sum(row["ended"] for row in rows)},
+        **report,
+        "counts": {"conversations": len(rows), **counts},
+        "data": {"dir": str(data_dir), **fingerprint},
+        "config": config,
+        "packages": artifacts.package_versions(),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(out_path, result)
+    shutil.rmtree(partial)
+    ci = report["ppl_ci"] or [float("nan")] * 2
+    print(f"{name} {cfg.dataset}-{cfg.intent}: PPL {report['ppl']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over "
+          f"{report['target_tokens']:,} target tokens of {len(rows):,} conversations "
+          f"({counts['forward_tokens']:,} forward tokens, {counts['truncated_examples']} truncated examples) -> {out_path}")
+    return out_path
+
+
+@hydra.main(version_base="1.3", config_path="../conf/perplexity", config_name="config")
+def main(cfg) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
