@@ -96,21 +96,27 @@ def _record(conversation_hash, turns, language, toxic, redacted, hashed_ip, coun
 
 
 def wildchat_records(batch: dict, filters_cfg) -> dict:
-    """datasets.map (batched) function: raw WildChat rows -> records."""
+    """datasets.map (batched) function: raw WildChat rows -> records.
+
+    Only conversation_hash and conversation[{role, content}] are required (one's own chat logs);
+    language, toxic, redacted, hashed_ip and country are read when present.
+    """
+    n = len(batch["conversation_hash"])
+    optional = {c: batch.get(c, [None] * n) for c in ("language", "toxic", "redacted", "hashed_ip", "country")}
     out = defaultdict(list)
-    for i in range(len(batch["conversation_hash"])):
+    for i in range(n):
         conversation = batch["conversation"][i] or []
         turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
         first_user = next((t for t in conversation if t["role"] == USER), {})
-        hashed_ip = batch["hashed_ip"][i] or first_user.get("hashed_ip")
-        country = batch["country"][i] or first_user.get("country")
-        toxic = batch["toxic"][i] or any(t["toxic"] for t in conversation)
-        redacted = batch["redacted"][i] or any(t["redacted"] for t in conversation)
+        hashed_ip = optional["hashed_ip"][i] or first_user.get("hashed_ip")
+        country = optional["country"][i] or first_user.get("country")
+        toxic = optional["toxic"][i] or any(t.get("toxic") for t in conversation)
+        redacted = optional["redacted"][i] or any(t.get("redacted") for t in conversation)
         if batch["conversation_hash"][i] is None:
             record = _record("", [], "", False, False, None, None, filters_cfg)
             record["malformed"] = "malformed:null_conversation_hash"
         else:
-            record = _record(batch["conversation_hash"][i], turns, batch["language"][i], toxic, redacted,
+            record = _record(batch["conversation_hash"][i], turns, optional["language"][i], toxic, redacted,
                              hashed_ip, country, filters_cfg)
         for key, value in record.items():
             out[key].append(value)

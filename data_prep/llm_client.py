@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence
 
 import aiohttp
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -173,12 +173,13 @@ class LLMClient:
     """One OpenAI-compatible endpoint; use as `async with LLMClient(cfg) as client:`."""
 
     def __init__(self, cfg: ClientConfig):
-        self.cfg = cfg
+        # a plain dataclass: config nodes are slow to read on every request
+        self.cfg = cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
-        key = read_api_key(cfg.api_key_env)
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._key = read_api_key(cfg.api_key_env)
+        if self._key:
+            self._headers["Authorization"] = f"Bearer {self._key}"
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._requests = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tokens = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
@@ -230,15 +231,14 @@ class LLMClient:
             except aiohttp.ClientError as e:
                 return _Failure("connection_error", f"{type(e).__name__}: {str(e)[:120]}")
         if status in CONFIG_ERROR_STATUS:
-            raise LLMConfigError(f"{self.url} answered HTTP {status} ({body[:200]!r}): check base_url, "
+            raise LLMConfigError(f"{self.url} answered HTTP {status} ({self._shown(body)}): check base_url, "
                                  f"model and the key in ${self.cfg.api_key_env}")
         if status != 200:
             delay = min(retry_after_seconds(retry_after) or 0.0, self.cfg.max_retry_after_s)
             if delay:
                 self._paused_until = max(self._paused_until, time.monotonic() + delay)
             # 400 and the like (context too long, content filter): repeating the request cannot help
-            return _Failure(f"http_{status}", body[:200].decode("utf-8", "replace"), delay,
-                            retryable=status in RETRYABLE_STATUS)
+            return _Failure(f"http_{status}", self._shown(body), delay, retryable=status in RETRYABLE_STATUS)
         try:
             text, usage, finish_reason = parse_completion(body)
         except ValueError as e:
@@ -246,6 +246,11 @@ class LLMClient:
         if self._tokens and usage.prompt_tokens:
             self._tokens.refund(estimate - usage.prompt_tokens - usage.completion_tokens)
         return Completion(text, usage, 1, finish_reason)
+
+    def _shown(self, body: bytes) -> str:
+        """The start of an error body, fit for logs and reports: some providers echo the key."""
+        text = body[:300].decode("utf-8", "replace")
+        return text.replace(self._key, "<api key>") if self._key else text
 
     async def complete_many(self, requests: Sequence[Sequence[dict]], **params
                             ) -> AsyncIterator[tuple[int, Completion | RequestFailed]]:

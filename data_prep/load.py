@@ -16,7 +16,7 @@ from data_prep import schemas
 from data_prep.artifacts import sha256_of
 
 log = logging.getLogger(__name__)
-PARQUET_COLUMNS = {"wildchat": list(schemas.WILDCHAT_COLUMNS)}
+PARQUET_COLUMNS = {"wildchat": schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL}
 CHECKS = {"wildchat": schemas.check_wildchat, "prism": schemas.check_prism}
 
 
@@ -26,7 +26,8 @@ def local_files(source: str) -> list[Path] | None:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        # A folder of shards: its parquet files if it has any, else its JSON Lines files.
+        files = sorted(path.rglob("*.parquet")) or sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json"))
         if not files:
             raise FileNotFoundError(f"{source}: no .parquet or .jsonl files in this folder")
         return files
@@ -43,22 +44,20 @@ def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
     check = CHECKS[kind]
     files = local_files(data_cfg.source)
     if files is not None:
-        formats = {".parquet": "parquet"}
-        builder = formats.get(files[0].suffix, "json")
-        if any(formats.get(f.suffix, "json") != builder for f in files):
-            raise ValueError(f"{data_cfg.source}: mixes parquet and json files")
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
         kwargs = {}
         if builder == "parquet":
             for f in files:
                 check(pq.read_schema(f), str(f))
-            kwargs["columns"] = PARQUET_COLUMNS.get(kind)
+            present = pq.read_schema(files[0]).names
+            kwargs["columns"] = [c for c in PARQUET_COLUMNS.get(kind, present) if c in present]
         dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
         if builder == "json":
             check(dataset.data.schema, str(data_cfg.source))
         provenance = {"source": str(data_cfg.source),
                       "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files]}
     else:
-        kwargs = {"columns": PARQUET_COLUMNS[kind]} if kind in PARQUET_COLUMNS else {}
+        kwargs = {"columns": list(PARQUET_COLUMNS[kind])} if kind in PARQUET_COLUMNS else {}
         dataset = datasets.load_dataset(data_cfg.source, data_cfg.hub_config, revision=data_cfg.revision,
                                         split="train", **kwargs)
         check(dataset.data.schema, data_cfg.source)

@@ -3,6 +3,8 @@
     python -m data_prep experiment=tiny                    # the embedded sample, seconds on CPU
     python -m data_prep experiment=tiny dataset=prism      # the PRISM sample, as an evaluation set
     python -m data_prep experiment=paper intents.path=intents.jsonl   # WildChat-1M from the hub
+    python -m data_prep experiment=paper intents.backend=openai ...    # generate the intents first
+                                                                       # (see data_prep/intents/__main__.py)
 
 Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
 Outputs in `output_dir`, written atomically (a COMPLETED marker last):
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -59,23 +62,30 @@ class Selection(NamedTuple):
         return self.records.select([r for rows in self.split_rows.values() for r in rows])
 
 
-def select_conversations(cfg) -> Selection:
-    """load -> normalise -> filter -> split by user (also used by `python -m data_prep.intents`)."""
+def select_conversations(cfg, start: float | None = None) -> Selection:
+    """load -> normalise -> filter -> split by user (also used by `python -m data_prep.intents`).
+    `start`: time.perf_counter() at the start of the run, for the stage timings logged."""
+    start = time.perf_counter() if start is None else start
     # ---- load --------------------------------------------------------------------------------
     raw, provenance = load_source(cfg.data)
+    if cfg.data.kind == "wildchat" and cfg.filters.languages is not None and "language" not in raw.column_names:
+        raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
     fingerprint = artifacts.config_hash(FORMAT_VERSION, provenance, artifacts.resolved_config(cfg.filters))
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
+    log.info("%s done in %.1f s", "load", time.perf_counter() - start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
     records = raw.map(RECORD_FUNCTIONS[cfg.data.kind], fn_kwargs={"filters_cfg": cfg.filters},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 
+    log.info("%s done in %.1f s", "normalise", time.perf_counter() - start)
     # ---- filter: every row lands in exactly one funnel bucket ----------------------------------
     funnel = Funnel(input=len(records))
     kept, dropped = apply_filters(records, cfg.filters, funnel)
     events = Counter(e for row in records.select(kept).select_columns(["events"])["events"] for e in row)
 
+    log.info("%s done in %.1f s", "filter", time.perf_counter() - start)
     # ---- split by user -----------------------------------------------------------------------
     split_rows, anonymous = assign_splits(records, kept, cfg.split)
     if cfg.split.missing_user == "drop":
@@ -85,14 +95,16 @@ def select_conversations(cfg) -> Selection:
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
+    log.info("%s done in %.1f s", "split", time.perf_counter() - start)
     return Selection(records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args)
 
 
 def run(cfg) -> Path:
     output_dir = Path(cfg.output_dir)
+    start = time.perf_counter()
     if cfg.flip.mode not in ("per_turn", "per_conversation"):
         raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
-    selection = select_conversations(cfg)
+    selection = select_conversations(cfg, start)
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
 
     # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
@@ -104,14 +116,16 @@ def run(cfg) -> Path:
         missing["missing_intent"] += len(rows) - len(with_intent)
         dropped += [{"row": r, "conversation_hash": h, "step": "missing_intent", "reason": "missing_intent"}
                     for r, h in zip(rows, hashes) if h not in intents]
-        selected = records.select([r for r, _ in with_intent]).flatten_indices()
-        selected = selected.add_column("intent", [intents[h] for _, h in with_intent])
-        conversations[split] = selected.select_columns(list(CONVERSATION_FEATURES)).cast(CONVERSATION_FEATURES)
+        selected = records.select([r for r, _ in with_intent]).select_columns(
+            [c for c in CONVERSATION_FEATURES if c != "intent"]).flatten_indices()
+        conversations[split] = selected.add_column("intent", [intents[h] for _, h in with_intent],
+                                                   feature=CONVERSATION_FEATURES["intent"])
         funnel.kept[split] = len(with_intent)
     funnel.remove("missing_intent", missing)
     funnel.events = dict(sorted(events.items()))
     funnel.check()
 
+    log.info("%s done in %.1f s", "intents", time.perf_counter() - start)
     # ---- flip + tokenize ---------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer)
     tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), CHAT_TEMPLATE)
@@ -125,10 +139,15 @@ def run(cfg) -> Path:
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}
 
+    log.info("%s done in %.1f s", "flip + tokenize", time.perf_counter() - start)
     # ---- save --------------------------------------------------------------------------------
     with artifacts.atomic_directory(output_dir) as tmp:
-        datasets.DatasetDict(examples).save_to_disk(str(tmp))
-        datasets.DatasetDict(conversations).save_to_disk(str(tmp / "conversations"))
+        # An empty split is not saved (datasets cannot load one back); funnel.json still counts it.
+        for split in [s for s, ds in examples.items() if len(ds) == 0]:
+            log.warning("split %r is empty and is not written", split)
+        datasets.DatasetDict({s: ds for s, ds in examples.items() if len(ds)}).save_to_disk(str(tmp))
+        datasets.DatasetDict({s: ds for s, ds in conversations.items() if len(ds)}).save_to_disk(
+            str(tmp / "conversations"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         artifacts.write_json(tmp / "funnel.json", funnel.to_dict())
         artifacts.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -158,5 +177,5 @@ def run(cfg) -> Path:
     for split, s in stats.items():
         print(f"{split}: {s['examples']} examples, {s['tokens']} tokens ({s['target_tokens']} targets), "
               f"{s['truncated_examples']} truncated")
-    print(f"wrote {output_dir}")
+    print(f"wrote {output_dir} in {time.perf_counter() - start:.1f} s")
     return output_dir

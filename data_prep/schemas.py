@@ -55,18 +55,20 @@ WILDCHAT_SCHEMA = pa.schema([
     ("header", HEADER),
 ])
 
-# What data_prep reads of a WildChat row, and the arrow type each must have. Timestamps may be in
-# any unit or zone; strings may be large_string (pyarrow infers either).
-WILDCHAT_COLUMNS = ("conversation_hash", "conversation", "language", "toxic", "redacted",
-                    "country", "hashed_ip", "timestamp")
-TURN_FIELDS = ("content", "role", "toxic", "redacted", "hashed_ip", "country")
+# What data_prep reads of a WildChat row. The required columns are all that one's own chat logs
+# need (as parquet or JSON Lines); the optional ones feed the language filter, the toxic/redacted
+# filters and the user-level split, and are type-checked when present. Strings may be large_string.
+WILDCHAT_REQUIRED = ("conversation_hash", "conversation")
+WILDCHAT_OPTIONAL = ("language", "toxic", "redacted", "country", "hashed_ip")
+TURN_REQUIRED = ("content", "role")
+TURN_OPTIONAL = ("toxic", "redacted", "hashed_ip", "country")
 
 PRISM_HISTORY_ENTRY = pa.struct([
     ("turn", pa.int64()), ("role", pa.string()), ("content", pa.string()),
     ("model_provider", pa.string()), ("model_name", pa.string()), ("score", pa.int64()),
     ("if_chosen", pa.bool_()), ("within_turn_id", pa.int64()),
 ])
-PRISM_COLUMNS = ("conversation_id", "user_id", "conversation_history")
+PRISM_REQUIRED = ("conversation_id", "user_id", "conversation_history")
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -91,20 +93,24 @@ def _list_value_type(t: pa.DataType) -> pa.DataType | None:
     return None
 
 
-def check_columns(schema: pa.Schema, source: str, columns, list_column: str | None,
-                  entry_fields, expected_schema: pa.Schema, expected_entry: pa.StructType) -> None:
+def check_columns(schema: pa.Schema, source: str, required, optional, list_column: str,
+                  entry_required, entry_optional, expected_schema: pa.Schema, expected_entry: pa.StructType) -> None:
     """Raise a ValueError naming `source` and the column if `schema` lacks or mistypes a column."""
-    for name in columns:
+    for name in (*required, *optional):
         if name not in schema.names:
+            if name in optional:
+                continue
             raise ValueError(f"{source}: missing column {name!r} (columns present: {schema.names})")
         actual = schema.field(name).type
         if name == list_column:
             entry = _list_value_type(actual)
             if entry is None or not pa.types.is_struct(entry):
                 raise ValueError(f"{source}: column {name!r} has type {actual}, expected a list of structs")
-            for field_name in entry_fields:
+            for field_name in (*entry_required, *entry_optional):
                 index = entry.get_field_index(field_name)
                 if index < 0:
+                    if field_name in entry_optional:
+                        continue
                     raise ValueError(f"{source}: column {name!r} lacks the field {field_name!r}")
                 field_type = entry.field(index).type
                 expected = expected_entry.field(field_name).type
@@ -117,8 +123,8 @@ def check_columns(schema: pa.Schema, source: str, columns, list_column: str | No
 
 
 def check_wildchat(schema: pa.Schema, source: str) -> None:
-    check_columns(schema, source, WILDCHAT_COLUMNS, "conversation", TURN_FIELDS,
-                  WILDCHAT_SCHEMA, TURN)
+    check_columns(schema, source, WILDCHAT_REQUIRED, WILDCHAT_OPTIONAL, "conversation", TURN_REQUIRED,
+                  TURN_OPTIONAL, WILDCHAT_SCHEMA, TURN)
 
 
 PRISM_SCHEMA = pa.schema([("conversation_id", pa.string()), ("user_id", pa.string()),
@@ -126,5 +132,6 @@ PRISM_SCHEMA = pa.schema([("conversation_id", pa.string()), ("user_id", pa.strin
 
 
 def check_prism(schema: pa.Schema, source: str) -> None:
-    check_columns(schema, source, PRISM_COLUMNS, "conversation_history",
-                  ("turn", "role", "content", "if_chosen"), PRISM_SCHEMA, PRISM_HISTORY_ENTRY)
+    check_columns(schema, source, PRISM_REQUIRED, (), "conversation_history",
+                  ("turn", "role", "content", "if_chosen"), ("score", "within_turn_id"), PRISM_SCHEMA,
+                  PRISM_HISTORY_ENTRY)

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 class FlippedChatConfig:
     system_prompt: str = MISSING              # intent=none
     system_prompt_with_intent: str = MISSING  # intent=task|generic; contains {intent}
+    template_kwargs: dict[str, str] = MISSING  # extra variables for the chat template
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PerplexityConfig:
     max_seq_len: int = MISSING
     max_tokens_per_batch: int = MISSING
     max_batch_size: int = MISSING
+    chunk_conversations: int = MISSING        # conversations flipped and scored (and saved) at a time
     device: str = MISSING                     # auto | cpu | cuda | cuda:N
     dtype: str = MISSING                      # auto | float32 | bfloat16 | float16
     limit: Optional[int] = MISSING            # first N conversations only

@@ -19,8 +19,9 @@ and of the end-of-conversation target; system, headers and assistant turns are c
 from __future__ import annotations
 
 import json
-import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -37,8 +38,8 @@ from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
 
-log = logging.getLogger(__name__)
 INTENTS = ("none", "task", "generic")
+COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,6 +77,33 @@ def data_fingerprint(data_dir: Path) -> dict:
             "input": manifest["input"], "intents_sha256": manifest["intents"]["sha256"]}
 
 
+def score_chunk(cfg, protocol, model, rows: list[dict], first: int) -> dict:
+    """Flip conversations rows (numbered from `first`) into examples and score every target token."""
+    examples, owner = [], []
+    for index, row in enumerate(rows, start=first):
+        for example in protocol.examples(conversation_intent(cfg, row, index), row["turns"], row["ended"],
+                                         cfg.mode, cfg.max_seq_len):
+            examples.append(example)
+            owner.append(index)
+    scores = score_examples(model, [e.input_ids for e in examples], [e.labels for e in examples],
+                            cfg.max_tokens_per_batch, cfg.max_batch_size, progress=False)
+    starts = np.cumsum([0] + [len(e.target_turn) for e in examples])[:-1]
+    target_turn = np.concatenate([e.target_turn for e in examples] or [[]]).astype(np.int64)
+    truncated = np.asarray([e.truncated for e in examples], dtype=bool)
+    return {"nll": scores.nll, "conversation": np.asarray(owner, dtype=np.int64)[scores.example],
+            "user_turn": target_turn[starts[scores.example] + scores.position],
+            "examples": len(examples), "truncated_examples": int(truncated.sum()),
+            "target_tokens_in_truncated_examples": int(truncated[scores.example].sum()),
+            "forward_tokens": scores.forward_tokens, "padded_tokens": scores.padded_tokens}
+
+
+def save_chunk(path: Path, arrays: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(temporary, path)
+
+
 def run(cfg) -> Path:
     # ---- config ------------------------------------------------------------------------------
     if cfg.intent not in INTENTS:
@@ -89,6 +117,7 @@ def run(cfg) -> Path:
     name = cfg.name or result_name(cfg.model, cfg.protocol)
     out_path = Path(cfg.output_dir) / name / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
+    del config["overwrite"]  # what to do with an existing result, not how to compute one
     if out_path.exists() and not cfg.overwrite:
         if json.loads(out_path.read_text())["config"] == config:
             print(f"{out_path} exists with this config: nothing to do")
@@ -102,39 +131,46 @@ def run(cfg) -> Path:
     if cfg.limit is not None:
         conversations = conversations.select(range(min(cfg.limit, len(conversations))))
     rows = conversations.select_columns(["conversation_hash", "intent", "turns", "ended"]).to_list()
+    if not rows:
+        raise ValueError(f"{data_dir}/conversations/{cfg.split} has no conversations")
 
     # ---- model, tokenizer, protocol ----------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
                                               trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype,
-                                                 trust_remote_code=cfg.trust_remote_code).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype, device_map=device,
+                                                 trust_remote_code=cfg.trust_remote_code).eval()
     in_vocabulary, end_handling = end_token_handling(cfg, tokenizer, model)
     protocol = make_protocol(cfg.protocol, tokenizer, end_token=end_handling, pad_token=cfg.pad_token,
                              system_prompt=cfg.flipped_chat.system_prompt,
-                             system_prompt_with_intent=cfg.flipped_chat.system_prompt_with_intent)
+                             system_prompt_with_intent=cfg.flipped_chat.system_prompt_with_intent,
+                             template_kwargs=cfg.flipped_chat.template_kwargs)
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype} on {device}; "
           f"protocol {cfg.protocol}, <|endconversation|> {end_handling}")
 
-    # ---- flip: examples of every conversation, each labelled with its user-turn targets ------------
-    examples, owner = [], []
-    for index, row in enumerate(tqdm(rows, desc="flip", unit="conversation")):
-        intent = conversation_intent(cfg, row, index)
-        for example in protocol.examples(intent, row["turns"], row["ended"], cfg.mode, cfg.max_seq_len):
-            examples.append(example)
-            owner.append(index)
-
-    # ---- score -------------------------------------------------------------------------------
-    scores = score_examples(model, [e.input_ids for e in examples], [e.labels for e in examples],
-                            cfg.max_tokens_per_batch, cfg.max_batch_size)
+    # ---- flip + score, a chunk of conversations at a time --------------------------------------
+    # Chunks bound the memory of the token lists (the paper's per_turn set is 137k examples) and are
+    # the unit of resumption: each scored chunk is saved in `partial` until the result is written.
+    fingerprint = data_fingerprint(data_dir)
+    partial = out_path.parent / f".{out_path.stem}.partial-{artifacts.config_hash(config, fingerprint)}"
+    partial.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=len(rows), desc="score", unit="conversation")
+    chunks = []
+    for first in range(0, len(rows), cfg.chunk_conversations):
+        chunk_path = partial / f"{first:09d}.npz"
+        chunk = rows[first:first + cfg.chunk_conversations]
+        if not chunk_path.exists():
+            save_chunk(chunk_path, score_chunk(cfg, protocol, model, chunk, first))
+        chunks.append(dict(np.load(chunk_path)))
+        progress.update(len(chunk))
+    progress.close()
+    merged = {key: np.concatenate([c[key] for c in chunks]) for key in ("nll", "conversation", "user_turn")}
+    counts = {key: int(sum(c[key] for c in chunks)) for key in COUNTS}
 
     # ---- metrics -----------------------------------------------------------------------------
-    conversation = np.asarray(owner, dtype=np.int64)[scores.example]
-    starts = np.cumsum([0] + [len(e.target_turn) for e in examples])[:-1]
-    user_turn = np.concatenate([e.target_turn for e in examples]).astype(np.int64)[starts[scores.example] + scores.position]
     num_user_turns = np.asarray([sum(t["role"] == USER for t in row["turns"]) for row in rows], dtype=np.int64)
-    is_end = user_turn == num_user_turns[conversation]  # the target after the last user turn
-    report = perplexity_report(scores.nll, conversation, user_turn, is_end, len(rows), cfg.max_turn, cfg.bootstrap)
-    truncated = [i for i, e in enumerate(examples) if e.truncated]
+    is_end = merged["user_turn"] == num_user_turns[merged["conversation"]]  # the target after the last user turn
+    report = perplexity_report(merged["nll"], merged["conversation"], merged["user_turn"], is_end, len(rows),
+                               cfg.max_turn, cfg.bootstrap)
 
     # ---- save --------------------------------------------------------------------------------
     result = {
@@ -144,19 +180,18 @@ def run(cfg) -> Path:
         "end_token": {"in_vocabulary": in_vocabulary, "handling": end_handling,
                       "ended_conversations": sum(row["ended"] for row in rows)},
         **report,
-        "counts": {"conversations": len(rows), "examples": len(examples), "truncated_examples": len(truncated),
-                   "target_tokens_in_truncated_examples": int(np.isin(scores.example, truncated).sum()),
-                   "forward_tokens": scores.forward_tokens, "padded_tokens": scores.padded_tokens},
-        "data": {"dir": str(data_dir), **data_fingerprint(data_dir)},
+        "counts": {"conversations": len(rows), **counts},
+        "data": {"dir": str(data_dir), **fingerprint},
         "config": config,
         "packages": artifacts.package_versions(),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out_path, result)
+    shutil.rmtree(partial)
     ci = report["ppl_ci"] or [float("nan")] * 2
     print(f"{name} {cfg.dataset}-{cfg.intent}: PPL {report['ppl']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over "
           f"{report['target_tokens']:,} target tokens of {len(rows):,} conversations "
-          f"({scores.forward_tokens:,} forward tokens, {len(truncated)} truncated examples) -> {out_path}")
+          f"({counts['forward_tokens']:,} forward tokens, {counts['truncated_examples']} truncated examples) -> {out_path}")
     return out_path
 
 

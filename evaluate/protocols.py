@@ -39,20 +39,23 @@ FLIP_MODES = ("per_turn", "per_conversation")
 
 
 def make_protocol(name: str, tokenizer, *, end_token: str, pad_token: str | None = None,
-                  system_prompt: str | None = None, system_prompt_with_intent: str | None = None):
+                  system_prompt: str | None = None, system_prompt_with_intent: str | None = None,
+                  template_kwargs: dict | None = None):
     """The protocol `name` for `tokenizer`.
 
     userlm: `tokenizer` is prepared in place for UserLM's format (prepare_tokenizer with
         `pad_token`): a Llama-3 tokenizer, the model's own or the data directory's.
     flipped_chat: `tokenizer` must carry a chat template; the system prompts are configuration
-        (system_prompt_with_intent contains "{intent}").
+        (system_prompt_with_intent contains "{intent}"); template_kwargs are passed to the template
+        (Llama-3.1/3.2 templates print today's date unless given date_string: fix it, for the same
+        bytes every day).
     """
     if end_token not in END_TOKEN_HANDLING:
         raise ValueError(f"end_token={end_token!r}: expected one of {END_TOKEN_HANDLING}")
     if name == "userlm":
         return UserLMProtocol(prepare_tokenizer(tokenizer, pad_token), end_token)
     if name == "flipped_chat":
-        return FlippedChatProtocol(tokenizer, end_token, system_prompt, system_prompt_with_intent)
+        return FlippedChatProtocol(tokenizer, end_token, system_prompt, system_prompt_with_intent, template_kwargs)
     raise ValueError(f"protocol={name!r}: expected userlm or flipped_chat")
 
 
@@ -96,7 +99,7 @@ class FlippedChatProtocol:
     SWAP = {USER: ASSISTANT, ASSISTANT: USER}
 
     def __init__(self, tokenizer, end_token: str, system_prompt: str | None,
-                 system_prompt_with_intent: str | None):
+                 system_prompt_with_intent: str | None, template_kwargs: dict | None = None):
         if not tokenizer.chat_template:
             raise ValueError(f"protocol flipped_chat needs a chat template; tokenizer "
                              f"{tokenizer.name_or_path!r} has none")
@@ -106,6 +109,7 @@ class FlippedChatProtocol:
         self.end_token = end_token
         self.system_prompt = system_prompt
         self.system_prompt_with_intent = system_prompt_with_intent
+        self.template_kwargs = dict(template_kwargs or {})
 
     def messages(self, intent: str | None, turns: Sequence[dict], ended: bool) -> list[dict]:
         system = self.system_prompt if intent is None else self.system_prompt_with_intent.format(intent=intent)
@@ -144,7 +148,7 @@ class FlippedChatProtocol:
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+                                                  add_generation_prompt=generation_prompt, **self.template_kwargs)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -61,7 +61,8 @@ def run_data_prep(tiny_assets: Path, output_dir: Path, *extra: str) -> Path:
     from data_prep.pipeline import run
     overrides = data_prep_overrides(tiny_assets, output_dir, *extra)
     dataset = next((o.split("=", 1)[1] for o in extra if o.startswith("dataset=")), "wildchat")
-    overrides.append(f"data.source={SAMPLE / ('prism.jsonl' if dataset == 'prism' else 'wildchat.parquet')}")
+    if not any(o.startswith("data.source=") for o in extra):
+        overrides.append(f"data.source={SAMPLE / ('prism.jsonl' if dataset == 'prism' else 'wildchat.parquet')}")
     return run(compose_config("data_prep", overrides))
 
 
@@ -77,7 +78,49 @@ def tiny_prism(tiny_assets, tmp_path_factory) -> Path:
     return run_data_prep(tiny_assets, tmp_path_factory.mktemp("data") / "prism", "dataset=prism")
 
 
+# ---- evaluate: models whose vocabulary has <|endconversation|>, and an instruct-style chat model ----
 
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                   " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json).
+LLAMA3_INSTRUCT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def save_resized(tiny_assets: Path, tokenizer, out: Path) -> Path:
+    """The tiny model with its embeddings resized to `tokenizer` (new rows: the mean), saved with it."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_userlm_model(tiny_assets, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A "trained-like" tiny user LM: the prepared tokenizer (with <|endconversation|>) and the tiny
+    model resized to it, saved together as train/run.py's output would be."""
+    return save_resized(tiny_assets, tiny_tokenizer, tmp_path_factory.mktemp("userlm_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_model(tiny_assets, tmp_path_factory) -> Path:
+    """An "instruct model" with a ChatML template: the tiny tokenizer plus <|im_start|>/<|im_end|>."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    return save_resized(tiny_assets, tokenizer, tmp_path_factory.mktemp("chatml_model"))
+
+
+# ---- simulate: a tiny user LM with the habits the guardrails exist for --------------------------
 
 BIASED_TURN = "learn how to cook falafel at home"   # the body of an intent in the sample
 

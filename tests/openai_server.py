@@ -39,6 +39,7 @@ INTENT_PREFIX = "You are a user chatting with an assistant language model to"
 
 
 def prompt_digest(body: dict) -> str:
+    """Identifies a prompt (its messages) across requests."""
     return hashlib.sha1(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,8 +93,11 @@ class OpenAIServer:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
-        body = await request.json()
+            # like some providers, echo what was sent: the client must not pass it on
+            return web.json_response({"error": {"message": f"Incorrect API key: {request.headers.get('Authorization')}"}},
+                                     status=401)
+        raw = await request.read()
+        body = json.loads(raw)
         fault = self._fault(body)
         if fault:
             self.stats.faults[fault] += 1
@@ -114,7 +118,7 @@ class OpenAIServer:
             request.transport.close()
             return web.Response()
         text = "First paragraph.\n\nSecond paragraph." if fault == "bad_intent" else self.reply(body)
-        usage = {"prompt_tokens": len(json.dumps(body["messages"])) // 4, "completion_tokens": len(text) // 4 + 1}
+        usage = {"prompt_tokens": len(raw) // 4, "completion_tokens": len(text) // 4 + 1}
         self.stats.replies += 1
         self.stats.answered[prompt_digest(body)] += 1
         self.stats.prompt_tokens += usage["prompt_tokens"]

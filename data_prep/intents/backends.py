@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Optional
 
+from omegaconf import OmegaConf
+
 from data_prep.intents.checks import check_reply
 from data_prep.llm_client import LLMClient, RequestFailed, Usage, bounded_map
 
@@ -39,27 +41,33 @@ class Outcome:
     usage: Usage
 
 
+def plain(node):
+    """A config node as its dataclass: nodes are slow to read once per conversation."""
+    return OmegaConf.to_object(node)
+
+
 class OpenAIBackend:
     def __init__(self, intents_cfg):
-        self.cfg = intents_cfg
-        self.model = intents_cfg.openai.model
-        self.prices = (intents_cfg.openai.price_input_per_million, intents_cfg.openai.price_output_per_million)
+        self.client_cfg, self.generation, self.checks = (plain(intents_cfg.openai), plain(intents_cfg.generation),
+                                                         plain(intents_cfg.checks))
+        self.model = self.client_cfg.model
+        self.prices = (self.client_cfg.price_input_per_million, self.client_cfg.price_output_per_million)
 
     def describe(self) -> dict:
         """For the report: where requests went (the key's variable name, never the key)."""
-        return {"base_url": self.cfg.openai.base_url, "api_key_env": self.cfg.openai.api_key_env,
-                "concurrency": self.cfg.openai.concurrency}
+        return {"base_url": self.client_cfg.base_url, "api_key_env": self.client_cfg.api_key_env,
+                "concurrency": self.client_cfg.concurrency}
 
     def run(self, jobs: Iterable[Job], on_outcome: Callable[[Outcome], None]) -> None:
         asyncio.run(self._run(jobs, on_outcome))
 
     async def _run(self, jobs, on_outcome) -> None:
-        async with LLMClient(self.cfg.openai) as client:
-            async for _, outcome in bounded_map(partial(self._one, client), jobs, self.cfg.openai.concurrency):
+        async with LLMClient(self.client_cfg) as client:
+            async for _, outcome in bounded_map(partial(self._one, client), jobs, self.client_cfg.concurrency):
                 on_outcome(outcome)
 
     async def _one(self, client: LLMClient, job: Job) -> Outcome:
-        generation, usage = self.cfg.generation, Usage()
+        generation, usage = self.generation, Usage()
         reason = detail = None
         for reply in range(1, generation.output_retries + 2):
             temperature = generation.temperature if reply == 1 else generation.retry_temperature
@@ -70,7 +78,7 @@ class OpenAIBackend:
                 return Outcome(job.conversation_hash, None, e.reason, e.detail[:200], reply, usage)
             usage.prompt_tokens += completion.usage.prompt_tokens
             usage.completion_tokens += completion.usage.completion_tokens
-            intent, reason = check_reply(completion.text, completion.finish_reason, self.cfg.checks)
+            intent, reason = check_reply(completion.text, completion.finish_reason, self.checks)
             if intent:
                 return Outcome(job.conversation_hash, intent, None, "", reply, usage)
             detail = completion.text[:200]
@@ -82,7 +90,7 @@ class BatchedBackend:
     next starts, so outcomes reach the store batch by batch."""
 
     def __init__(self, intents_cfg, batch_size: int):
-        self.cfg = intents_cfg
+        self.generation, self.checks = plain(intents_cfg.generation), plain(intents_cfg.checks)
         self.batch_size = batch_size
         self.prices = (0.0, 0.0)
 
@@ -95,7 +103,7 @@ class BatchedBackend:
         raise NotImplementedError
 
     def run(self, jobs: Iterable[Job], on_outcome: Callable[[Outcome], None]) -> None:
-        generation, jobs = self.cfg.generation, iter(jobs)
+        generation, jobs = self.generation, iter(jobs)
         while batch := list(itertools.islice(jobs, self.batch_size)):
             usage = {job.conversation_hash: Usage() for job in batch}
             pending, rejected = batch, {}
@@ -107,7 +115,7 @@ class BatchedBackend:
                     total = usage[job.conversation_hash]
                     total.prompt_tokens += reply_usage.prompt_tokens
                     total.completion_tokens += reply_usage.completion_tokens
-                    intent, reason = check_reply(text, finish_reason, self.cfg.checks)
+                    intent, reason = check_reply(text, finish_reason, self.checks)
                     if intent:
                         on_outcome(Outcome(job.conversation_hash, intent, None, "", reply, total))
                     else:
@@ -128,18 +136,21 @@ class HFBackend(BatchedBackend):
 
     def __init__(self, intents_cfg):
         super().__init__(intents_cfg, intents_cfg.hf.batch_size)
-        self.model = intents_cfg.hf.model
+        self.hf = plain(intents_cfg.hf)
+        self.model = self.hf.model
         self._model = self._tokenizer = None
 
     def describe(self) -> dict:
-        return {"batch_size": self.batch_size, "device": self.cfg.hf.device, "dtype": self.cfg.hf.dtype}
+        return {"batch_size": self.batch_size, "device": self.hf.device, "dtype": self.hf.dtype}
 
-    def _load(self) -> None:
+    def load(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        hf = self.cfg.hf
+        hf = self.hf
         self._tokenizer = AutoTokenizer.from_pretrained(hf.model, trust_remote_code=hf.trust_remote_code)
         self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:  # generation only: pad positions are masked out
+            self._tokenizer.pad_token = self._tokenizer.eos_token
         self._model = AutoModelForCausalLM.from_pretrained(hf.model, dtype=getattr(torch, hf.dtype),
                                                            trust_remote_code=hf.trust_remote_code)
         self._model.to(hf.device).eval()
@@ -153,21 +164,19 @@ class HFBackend(BatchedBackend):
     def generate_texts(self, messages, temperature, seed):
         import torch
         if self._model is None:
-            self._load()
+            self.load()
         tokenizer = self._tokenizer
         prompts = [self.format_prompt(m) for m in messages]
         # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
         batch = tokenizer(prompts, return_tensors="pt", padding=True,
-                          add_special_tokens=not tokenizer.chat_template).to(self.cfg.hf.device)
+                          add_special_tokens=not tokenizer.chat_template).to(self.hf.device)
         eos = self._model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-        # Generation only: pad positions are masked, so reusing EOS as the pad id changes nothing.
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
         torch.manual_seed(seed)
         with torch.no_grad():
-            output = self._model.generate(**batch, max_new_tokens=self.cfg.generation.max_tokens,
+            output = self._model.generate(**batch, max_new_tokens=self.generation.max_tokens,
                                           do_sample=temperature > 0, temperature=temperature or None,
-                                          top_p=None, top_k=None, pad_token_id=pad_id)
+                                          top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         results = []
         for prompt_tokens, row in zip(batch["attention_mask"].sum(dim=1).tolist(),
                                       output[:, batch["input_ids"].shape[1]:].tolist()):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data_prep import artifacts
 from data_prep.intents.backends import BACKENDS, Job, Outcome
-from data_prep.intents.prompt import build_messages, prompt_fingerprint
+from data_prep.intents.prompt import IntentPrompt
 from data_prep.intents.store import IntentWriter, read_intents, read_store
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,11 @@ def generate_intents(intents_cfg, conversations) -> dict:
     turns). Returns the report."""
     if intents_cfg.backend not in BACKENDS:
         raise ValueError(f"intents.backend={intents_cfg.backend!r}: generation needs one of {sorted(BACKENDS)}")
+    if not intents_cfg.path:
+        raise ValueError("intents.path: set the store that generation fills (a .jsonl path)")
     started = time.monotonic()
-    path, prompt_cfg = Path(intents_cfg.path), intents_cfg.prompt
-    version, model, fingerprint = prompt_cfg.version, backend_model(intents_cfg), prompt_fingerprint(prompt_cfg)
+    path, prompt = Path(intents_cfg.path), IntentPrompt(intents_cfg.prompt)
+    version, model, fingerprint = prompt.version, backend_model(intents_cfg), prompt.fingerprint
 
     # ---- what is left to do ------------------------------------------------------------------
     cached = {}
@@ -91,13 +93,14 @@ def generate_intents(intents_cfg, conversations) -> dict:
             failed[outcome.reason] += 1
             failures.append({"conversation_hash": outcome.conversation_hash, "reason": outcome.reason,
                              "detail": outcome.detail, "replies": outcome.replies})
+            progress.set_postfix(failed=len(failures), refresh=False)
         progress.update()
-        progress.set_postfix(failed=sum(failed.values()), refresh=False)
 
     def jobs():
         rows = conversations.select(pending).select_columns(["conversation_hash", "turns"])
-        for row in rows:
-            yield Job(row["conversation_hash"], build_messages(prompt_cfg, row["turns"]))
+        for batch in rows.iter(batch_size=1000):
+            for conversation_hash, turns in zip(batch["conversation_hash"], batch["turns"]):
+                yield Job(conversation_hash, prompt.messages(turns))
 
     try:
         if pending:

@@ -16,7 +16,7 @@ cost and context guard, not an exact count. How a conversation is cut:
      at the start and end of a pasted text;
   2. turns are then taken in order while the total stays within `conversation_tokens`; the later
      turns that do not fit are dropped and replaced by one line saying how many were left out.
-The first user turn is always kept (its cap is at most the budget).
+The first user turn is always kept (cut to the whole budget if that is smaller than its cap).
 """
 
 from __future__ import annotations
@@ -38,36 +38,37 @@ def cut_middle(text: str, max_tokens: int, chars_per_token: float, marker: str) 
     return text[:head] + marker + text[len(text) - (keep - head):]
 
 
-def render_conversation(turns: list[dict], prompt_cfg) -> str:
-    budget = prompt_cfg.budget
-    if budget.first_user_turn_tokens > budget.conversation_tokens:
-        raise ValueError("intents.prompt.budget.first_user_turn_tokens must be <= conversation_tokens")
+def render_conversation(turns: list[dict], prompt: dict) -> str:
+    """`turns` as tagged lines, cut to the budget (`prompt`: the prompt config as plain data)."""
+    budget = prompt["budget"]
     rendered, used = [], 0
     for i, turn in enumerate(turns):
-        cap = (budget.first_user_turn_tokens if i == 0 else
-               budget.user_turn_tokens if turn["role"] == "user" else budget.assistant_turn_tokens)
-        content = cut_middle(turn["content"].strip(), cap, budget.chars_per_token, prompt_cfg.cut_marker)
-        text = prompt_cfg.turn_format.format(role=turn["role"], content=content)
-        cost = estimate_tokens(text, budget.chars_per_token)
-        if i > 0 and used + cost > budget.conversation_tokens:
-            rendered.append(prompt_cfg.omitted_format.format(count=len(turns) - i))
+        cap = (min(budget["first_user_turn_tokens"], budget["conversation_tokens"]) if i == 0 else
+               budget["user_turn_tokens"] if turn["role"] == "user" else budget["assistant_turn_tokens"])
+        content = cut_middle(turn["content"].strip(), cap, budget["chars_per_token"], prompt["cut_marker"])
+        text = prompt["turn_format"].format(role=turn["role"], content=content)
+        cost = estimate_tokens(text, budget["chars_per_token"])
+        if i > 0 and used + cost > budget["conversation_tokens"]:
+            rendered.append(prompt["omitted_format"].format(count=len(turns) - i))
             break
         rendered.append(text)
         used += cost
     return "\n".join(rendered)
 
 
-def build_messages(prompt_cfg, turns: list[dict]) -> list[dict]:
-    """The chat messages asking for the intent of the conversation `turns` ([{role, content}])."""
-    messages = [{"role": "system", "content": prompt_cfg.instruction.strip()}]
-    for example in prompt_cfg.examples:
-        messages.append({"role": "user", "content": render_conversation(example.conversation, prompt_cfg)})
-        messages.append({"role": "assistant", "content": example.intent.strip()})
-    messages.append({"role": "user", "content": render_conversation(turns, prompt_cfg)})
-    return messages
+class IntentPrompt:
+    """The prompt of one version, read from its config once (config nodes are slow to read in a
+    loop over millions of conversations): the instruction and few-shot turns are rendered here."""
 
+    def __init__(self, prompt_cfg):
+        self.config = resolved_config(prompt_cfg)
+        self.version = self.config["version"]
+        self.fingerprint = config_hash(self.config)  # intents made with an edited text are told apart
+        self.few_shot = [{"role": "system", "content": self.config["instruction"].strip()}]
+        for example in self.config["examples"]:
+            self.few_shot.append({"role": "user", "content": render_conversation(example["conversation"], self.config)})
+            self.few_shot.append({"role": "assistant", "content": example["intent"].strip()})
 
-def prompt_fingerprint(prompt_cfg) -> str:
-    """A hash of everything that shapes the prompt: intents stored under a version whose text has
-    since changed are detected instead of being reused as if current."""
-    return config_hash(resolved_config(prompt_cfg))
+    def messages(self, turns: list[dict]) -> list[dict]:
+        """The chat messages asking for the intent of the conversation `turns` ([{role, content}])."""
+        return [*self.few_shot, {"role": "user", "content": render_conversation(turns, self.config)}]

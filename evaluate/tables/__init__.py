@@ -1,0 +1,123 @@
+"""Result tables in the paper's layout: ours beside the paper's numbers, as Markdown, CSV and PNG.
+
+A table is built by a module evaluate/tables/<name>.py whose `build(section_cfg) -> Table` reads
+its results (perplexity.py: evaluate.perplexity's JSON files); `python -m evaluate.table` builds
+the tables its config lists and writes them with `write_table`. Adding a table is one module, one
+schema field in evaluate/config.py and one YAML section: nothing here changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep import artifacts
+
+
+@dataclass
+class Cell:
+    ours: float | None = None
+    paper: float | None = None
+    ci: list[float] | None = None    # ours' confidence interval, when known
+    source: str | None = None        # the result file ours comes from
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.ours is None or self.paper is None else self.ours - self.paper
+
+
+@dataclass
+class Table:
+    name: str                        # file stem: <output_dir>/<name>.{md,csv,png}
+    title: str
+    columns: list[str]
+    rows: list[str]
+    cells: dict[tuple[str, str], Cell]   # (row, column) -> cell; absent: neither number exists
+    log_scale: bool = False          # plot on a log axis (perplexities span orders of magnitude)
+    notes: list[str] = field(default_factory=list)
+
+    def cell(self, row: str, column: str) -> Cell:
+        return self.cells.get((row, column), Cell())
+
+
+def _number(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def to_markdown(table: Table) -> str:
+    lines = [f"## {table.title}", "", "Each cell: ours (paper, ours - paper); (paper X): not measured by us; -: neither.", "",
+             "| model | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+    for row in table.rows:
+        cells = [table.cell(row, column) for column in table.columns]
+        lines.append(f"| {row} | " + " | ".join(map(_markdown_cell, cells)) + " |")
+    lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(cell: Cell) -> str:
+    if cell.ours is None:
+        return "-" if cell.paper is None else f"(paper {_number(cell.paper)})"
+    if cell.paper is None:
+        return _number(cell.ours)
+    return f"{_number(cell.ours)} ({_number(cell.paper)}, {_number(cell.difference, signed=True)})"
+
+
+def to_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["row", "column", "ours", "ours_ci_low", "ours_ci_high", "paper", "difference", "source"])
+    for row in table.rows:
+        for column in table.columns:
+            c = table.cell(row, column)
+            writer.writerow([row, column, _csv(c.ours), *(map(_csv, c.ci) if c.ci else ["", ""]), _csv(c.paper),
+                             _csv(c.difference), c.source or ""])
+    return buffer.getvalue()
+
+
+def _csv(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def plot(table: Table, path: Path) -> None:
+    """One panel per column: a bar per row for ours and for the paper, error bars from ours' CI."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(table.columns), figsize=(3.2 * len(table.columns), 4.2), sharey=True,
+                                squeeze=False)
+    positions = range(len(table.rows))
+    for axis, column in zip(axes[0], table.columns):
+        cells = [table.cell(row, column) for row in table.rows]
+        ours = [c.ours if c.ours is not None else math.nan for c in cells]
+        paper = [c.paper if c.paper is not None else math.nan for c in cells]
+        errors = [[o - c.ci[0] if c.ci else 0 for o, c in zip(ours, cells)],
+                  [c.ci[1] - o if c.ci else 0 for o, c in zip(ours, cells)]]
+        axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="ours", yerr=errors, capsize=2)
+        axis.bar([p + 0.2 for p in positions], paper, width=0.4, label="paper")
+        axis.set_title(column, fontsize=9)
+        axis.set_xticks(list(positions), table.rows, rotation=60, ha="right", fontsize=7)
+        if table.log_scale:
+            axis.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(table.title, fontsize=10)
+    figure.tight_layout()
+    # Fixed metadata: the same numbers give the same bytes.
+    figure.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+
+
+def write_table(table: Table, output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / f"{table.name}.md", output_dir / f"{table.name}.csv", output_dir / f"{table.name}.png"]
+    artifacts.write_text(paths[0], to_markdown(table))
+    artifacts.write_text(paths[1], to_csv(table))
+    temporary = paths[2].with_name(paths[2].name + ".tmp.png")
+    plot(table, temporary)
+    temporary.replace(paths[2])
+    return paths

@@ -1,0 +1,165 @@
+"""The chat format: our token assembly equals the tokenizer's chat template, and masks hit user turns only."""
+
+import random
+
+import pytest
+
+from data_prep.chat_format import (END_CONVERSATION, EOT, IGNORE_INDEX, ChatEncoder, conversation_messages,
+                                   prepare_tokenizer)
+
+INTENT = "You are a user chatting with an assistant language model to plan a trip to Peru."
+TURNS = [
+    {"role": "user", "content": "hi! what should i see in Peru?"},
+    {"role": "assistant", "content": "Machu Picchu, Cusco and the Sacred Valley.\n\nAlso Lima's food."},
+    {"role": "user", "content": "  how many days?\n"},
+    {"role": "assistant", "content": "About 10 days 🙂"},
+]
+
+
+def _targets(tokenizer, example) -> list[str]:
+    """Decode each contiguous run of trained-on labels."""
+    spans, run = [], []
+    for label in example.labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            run.append(label)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans
+
+
+def test_prepare_tokenizer_adds_one_plain_token_and_distinct_pad(tiny_tokenizer):
+    tok = tiny_tokenizer
+    end_id = tok.convert_tokens_to_ids(END_CONVERSATION)
+    assert tok.encode("\n" + END_CONVERSATION, add_special_tokens=False)[-1] == end_id
+    assert tok.decode([end_id], skip_special_tokens=True) == END_CONVERSATION  # not special
+    assert tok.eos_token == EOT and tok.pad_token_id != tok.eos_token_id
+    size = len(tok)
+    prepare_tokenizer(tok, tok.pad_token)  # idempotent
+    assert len(tok) == size
+
+
+def test_pad_equal_to_eos_is_refused(tiny_assets):
+    from transformers import AutoTokenizer
+    with pytest.raises(ValueError, match="pad_token"):
+        prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"), EOT)
+
+
+def test_template_text_matches_userlm_format(tiny_tokenizer):
+    text = tiny_tokenizer.apply_chat_template(conversation_messages(INTENT, TURNS[:1], ended=False), tokenize=False)
+    assert text == ("<|start_header_id|>system<|end_header_id|>\n" + INTENT + "<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n" + TURNS[0]["content"] + "<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>")
+    assert not text.startswith("<|begin_of_text|>")
+    # The prompt ends with the user header whatever add_generation_prompt says.
+    for flag in (True, False):
+        prompt = tiny_tokenizer.apply_chat_template([{"role": "system", "content": INTENT}], tokenize=False,
+                                                    add_generation_prompt=flag)
+        assert prompt.endswith("<|start_header_id|>user<|end_header_id|>")
+
+
+def test_prompt_ids_equal_apply_chat_template(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    messages = conversation_messages(INTENT, TURNS, ended=False)
+    for k in range(1, len(messages) + 1):
+        expected = tiny_tokenizer.apply_chat_template(messages[:k], tokenize=True, return_dict=False)
+        assert encoder.prompt_ids(messages[:k]) == expected
+
+
+@pytest.mark.parametrize("mode", ["per_turn", "per_conversation"])
+def test_examples_equal_tokenizing_the_rendered_text(tiny_tokenizer, mode):
+    """Each example's ids are what tokenizing template(context) + target text gives."""
+    encoder = ChatEncoder(tiny_tokenizer)
+    messages = conversation_messages(INTENT, TURNS, ended=True)
+    for example in encoder.flip(messages, mode, max_seq_len=4096):
+        text = tiny_tokenizer.decode(example.input_ids)
+        assert tiny_tokenizer(text, add_special_tokens=False)["input_ids"] == example.input_ids
+    # per_turn: example k is the template of the first messages plus the k-th user turn as target.
+    if mode == "per_turn":
+        user_positions = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        for example, position in zip(encoder.flip(messages, mode, 4096), user_positions):
+            prompt = tiny_tokenizer.apply_chat_template(messages[:position], tokenize=False)
+            target = "\n" + messages[position]["content"] + EOT
+            assert tiny_tokenizer.decode(example.input_ids) == prompt + target
+            assert tiny_tokenizer(prompt + target, add_special_tokens=False)["input_ids"] == example.input_ids
+
+
+def test_per_turn_gives_k_plus_one_samples_whose_labels_are_the_user_turns(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    examples = encoder.flip(conversation_messages(INTENT, TURNS, ended=True), "per_turn", 4096)
+    assert len(examples) == 2 + 1
+    assert [_targets(tiny_tokenizer, e) for e in examples] == [
+        ["\n" + TURNS[0]["content"] + EOT], ["\n" + TURNS[2]["content"] + EOT], ["\n" + END_CONVERSATION + EOT]]
+    assert [e.target_turns for e in examples] == [[0], [1], [2]]
+
+
+def test_unanswered_conversation_has_no_end_sample(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    examples = encoder.flip(conversation_messages(INTENT, TURNS[:3], ended=False), "per_turn", 4096)
+    assert len(examples) == 2
+    assert all(END_CONVERSATION not in tiny_tokenizer.decode(e.input_ids) for e in examples)
+
+
+def test_per_conversation_has_the_same_target_tokens_as_per_turn(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    messages = conversation_messages(INTENT, TURNS, ended=True)
+    per_turn = encoder.flip(messages, "per_turn", 4096)
+    (whole,) = encoder.flip(messages, "per_conversation", 4096)
+    assert [t for e in per_turn for t in e.labels if t != IGNORE_INDEX] == \
+           [t for t in whole.labels if t != IGNORE_INDEX]
+    assert _targets(tiny_tokenizer, whole) == [s for e in per_turn for s in _targets(tiny_tokenizer, e)]
+    assert not any(e.truncated for e in per_turn + [whole])
+
+
+def test_no_intent_means_no_system_message(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    (example,) = encoder.flip(conversation_messages(None, TURNS[:2], ended=False), "per_conversation", 4096)
+    assert tiny_tokenizer.decode(example.input_ids).startswith("<|start_header_id|>user<|end_header_id|>\n")
+
+
+def _long_conversation(n_rounds: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    turns = []
+    for _ in range(n_rounds):
+        turns.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 30)))})
+        turns.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(10, 80)))})
+    return turns
+
+
+def test_per_turn_truncation_keeps_intent_and_drops_oldest_whole_messages(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    messages = conversation_messages(INTENT, _long_conversation(12), ended=True)
+    full = encoder.flip(messages, "per_turn", 100_000)
+    cut = encoder.flip(messages, "per_turn", 256)
+    system = encoder.header_ids["system"] + encoder.encode_bodies([INTENT])[0]
+    for long, short in zip(full, cut):
+        assert len(short.input_ids) <= 256
+        assert short.input_ids[:len(system)] == system
+        # The target is intact, and the kept history is a suffix of the full history in whole messages.
+        assert [t for t in short.labels if t != IGNORE_INDEX] == [t for t in long.labels if t != IGNORE_INDEX]
+        history = short.input_ids[len(system):]
+        assert long.input_ids[-len(history):] == history
+        assert history[0] == tiny_tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    assert any(e.truncated for e in cut) and not any(e.truncated for e in full)
+
+
+def test_per_turn_cuts_a_target_that_alone_exceeds_the_limit(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    huge = {"role": "user", "content": "word " * 2000}
+    (example,) = encoder.flip(conversation_messages(INTENT, [huge], ended=False), "per_turn", 128)
+    assert len(example.input_ids) == 128 and example.truncated
+    assert example.labels[-1] != encoder.eot_id  # a cut turn does not teach an end
+
+
+def test_per_conversation_windows_cover_every_target_once(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    messages = conversation_messages(INTENT, _long_conversation(12, seed=1), ended=True)
+    per_turn = encoder.flip(messages, "per_turn", 100_000)
+    windows = encoder.flip(messages, "per_conversation", 300)
+    assert len(windows) > 1 and all(len(w.input_ids) <= 300 and w.truncated for w in windows)
+    assert [t for w in windows for t in w.target_turns] == list(range(len(per_turn)))
+    assert [t for w in windows for t in w.labels if t != IGNORE_INDEX] == \
+           [t for e in per_turn for t in e.labels if t != IGNORE_INDEX]
+    for window in windows:  # each window restarts with the intent
+        assert tiny_tokenizer.decode(window.input_ids).startswith("<|start_header_id|>system<|end_header_id|>\n" + INTENT)
