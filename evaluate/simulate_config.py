@@ -124,6 +124,69 @@ class SimulateConfig:
     progress: bool = MISSING
 
 
+@dataclass
+class TerminationConfig:
+    data_dir: str = MISSING           # data_prep output with real conversations (PRISM in the paper)
+    split: str = MISSING
+    limit: Optional[int] = MISSING
+    max_seq_len: int = MISSING
+    max_tokens_per_batch: int = MISSING
+    max_batch_size: int = MISSING
+
+
+@dataclass
+class NaturalnessConfig:
+    detector: str = MISSING           # hub id or local directory of a sequence-classification model
+    human_label: str = MISSING        # the detector's label (config.id2label) for human-written text
+    batch_size: int = MISSING
+    max_length: int = MISSING
+    device: str = MISSING             # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class ItemsConfig:
+    source: str = MISSING             # hub id or local JSONL/JSON/Parquet file in the same schema
+    split: str = MISSING
+    revision: Optional[str] = MISSING
+    limit: Optional[int] = MISSING
+
+
+@dataclass
+class AdherenceConfig:
+    items: ItemsConfig = field(default_factory=ItemsConfig)
+    intent_template: str = MISSING    # the user's intent; {question}, {choices}, {answer} from the item
+    assistant_system_prompt: str = MISSING   # for assistant.kind hf | openai
+    assistant_replies: list[str] = MISSING   # for assistant.kind scripted
+    judge_prompt: str = MISSING       # {question} {choices} {answer} {first_turn} {assistant_turn} {user_turn}
+    adhered_when: bool = MISSING      # the verdict (YES: true) that means the user adhered
+
+
+@dataclass
+class JudgeConfig:
+    client: ClientConfig = field(default_factory=ClientConfig)
+    max_tokens: int = MISSING
+
+
+@dataclass
+class IntrinsicConfig:
+    simulation: str = MISSING         # an evaluate.simulate output_dir: transcripts and the user LM's settings
+    name: Optional[str] = MISSING     # results go to <output_dir>/<name>/; null: the simulation dir's name
+    metrics: list[str] = MISSING
+    first_turns: int = MISSING        # first turns (of the transcripts, in order) for diversity and naturalness
+    intent_prefix: str = MISSING      # the intents' fixed opening, removed before measuring overlap
+    termination: TerminationConfig = field(default_factory=TerminationConfig)
+    naturalness: NaturalnessConfig = field(default_factory=NaturalnessConfig)
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
+    role_adherence: AdherenceConfig = field(default_factory=AdherenceConfig)
+    intent_adherence: AdherenceConfig = field(default_factory=AdherenceConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    human: bool = MISSING             # also measure the real conversations of the same intents (row "human")
+    seed: int = MISSING
+    output_dir: str = MISSING
+
+
 ConfigStore.instance().store(name="simulate_schema", node=SimulateConfig)
+ConfigStore.instance().store(name="intrinsic_schema", node=IntrinsicConfig)
 # ${model_dir:<model>,<protocol>}: a directory name for a model id or path (as evaluate.perplexity names results)
 OmegaConf.register_new_resolver("model_dir", result_name, replace=True)

@@ -226,24 +226,25 @@ class UserSimulator:
         """From the `user_model`, `sampling` and `guardrails` config nodes (conf/simulate/config.yaml)."""
         return cls.from_pretrained(
             user_model.name_or_path, SamplingSettings(**sampling), GuardrailSettings.from_config(guardrails),
-            user_model.batch_size, user_model.protocol, user_model.pad_token,
-            user_model.flipped_chat.system_prompt, user_model.flipped_chat.system_prompt_with_intent,
+            user_model.batch_size, user_model.protocol, user_model.pad_token, user_model.flipped_chat,
             user_model.dtype, user_model.device, user_model.trust_remote_code)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, sampling: SamplingSettings | None = None,
                         guardrails: GuardrailSettings | None = None, batch_size: int = 32, protocol: str = "userlm",
-                        pad_token: str = "<|reserved_special_token_0|>", system_prompt: str | None = None,
-                        system_prompt_with_intent: str | None = None, dtype: str = "auto", device: str = "auto",
-                        trust_remote_code: bool = False) -> "UserSimulator":
+                        pad_token: str = "<|reserved_special_token_0|>", flipped_chat=None, dtype: str = "auto",
+                        device: str = "auto", trust_remote_code: bool = False) -> "UserSimulator":
         """Load a user LM (hub id or local path) and its tokenizer. protocol userlm prepares the
         tokenizer for UserLM's format (and gives a base model an <|endconversation|> row);
-        flipped_chat needs the two system prompts (see conf/simulate/config.yaml)."""
+        flipped_chat needs `flipped_chat` {system_prompt, system_prompt_with_intent, template_kwargs}
+        (conf/simulate/config.yaml has the defaults)."""
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = load_causal_lm(name_or_path, dtype, device, trust_remote_code)
+        chat = flipped_chat or {}
         prompts = make_protocol(protocol, tokenizer, end_token="token" if protocol == "userlm" else "plain_text",
-                                pad_token=pad_token, system_prompt=system_prompt,
-                                system_prompt_with_intent=system_prompt_with_intent)
+                                pad_token=pad_token, system_prompt=chat.get("system_prompt"),
+                                system_prompt_with_intent=chat.get("system_prompt_with_intent"),
+                                template_kwargs=chat.get("template_kwargs"))
         if tokenizer.pad_token_id is None:
             tokenizer.add_special_tokens({"pad_token": pad_token})
         if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -1,8 +1,9 @@
 """Inputs and outputs of `python -m evaluate.simulate`: intents in, transcripts and a summary out.
 
-Transcripts are an append-only JSONL, one finished conversation per line, written, flushed and
-fsynced one at a time (the intents store's writer, data_prep.intents.store), so a killed run loses
-only the conversations in flight; a torn last line is cut off before appending again. A record:
+Transcripts are an append-only JSONL, one finished conversation per line, each handed to the
+operating system in one write as it finishes (the intents store's writer, data_prep.intents.store),
+so a killed run loses only the conversations in flight; a torn last line is cut off before
+appending again. A record:
     id, intent, turns [{role, content, + for user turns: truncated, guardrails}], ended,
     end_reason (user_ended | max_turns | assistant_error), end_turn (guardrails of the end sample)
 """
