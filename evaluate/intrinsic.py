@@ -119,8 +119,8 @@ def run(cfg) -> Path:
     for metric in ("role_adherence", "intent_adherence"):
         if metric in cfg.metrics:
             section = cfg[metric]
-            items = load_items(ITEM_KIND[metric], section.items.source, section.items.split,
-                               section.items.revision, section.items.limit)
+            items = load_items(ITEM_KIND[metric], section.data.source, section.data.split,
+                               section.data.revision, section.data.limit)
             assistant_cfg = OmegaConf.merge(cfg.assistant, {"system_prompt": section.assistant_system_prompt,
                                                             "scripted": {"replies": section.assistant_replies}})
             exchanges = converse(simulator, make_assistant(assistant_cfg), items, section.intent_template,
@@ -129,7 +129,7 @@ def run(cfg) -> Path:
             out_dir.mkdir(parents=True, exist_ok=True)
             artifacts.write_text(out_dir / f"{metric}.jsonl", "".join(
                 json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in exchanges))
-            results[metric] = {"items": section.items.source, "assistant": describe(assistant_cfg),
+            results[metric] = {"items": section.data.source, "assistant": describe(assistant_cfg),
                                "judge_model": cfg.judge.client.model,
                                "ended_by_user": sum(bool(e["ended_at"]) for e in exchanges),
                                **m.adherence([e["adhered"] for e in exchanges])}

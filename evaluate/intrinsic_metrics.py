@@ -110,7 +110,8 @@ def termination_decisions(model, protocol, conversations: Sequence[dict], max_se
     conversation included) the turn's body opens with "\\n"; the model predicts the end when
     <|endconversation|> is its most likely next token there (greedy), and `end_probability` keeps
     the probability. Positions whose body does not open with a lone "\\n" token are counted and
-    skipped. userlm protocol with <|endconversation|> in the vocabulary only.
+    skipped. `positions` names each decision: (conversation index, user turn index).
+    userlm protocol with <|endconversation|> in the vocabulary only.
     """
     tokenizer = protocol.tokenizer
     end_id = tokenizer.convert_tokens_to_ids("<|endconversation|>")
@@ -120,7 +121,7 @@ def termination_decisions(model, protocol, conversations: Sequence[dict], max_se
         for example in protocol.examples(row["intent"], row["turns"], row["ended"], "per_conversation", max_seq_len):
             examples.append(example)
             owners.append(number)
-    predicted, real, probability, skipped = [], [], [], 0
+    predicted, real, probability, positions, skipped = [], [], [], [], 0
     device = next(model.parameters()).device
     for batch in length_batches([len(e.input_ids) for e in examples], max_tokens_per_batch, max_batch_size):
         width = max(len(examples[i].input_ids) for i in batch)
@@ -143,7 +144,9 @@ def termination_decisions(model, protocol, conversations: Sequence[dict], max_se
                 predicted.append(int(probs.argmax()) == end_id)
                 probability.append(float(probs[end_id]))
                 real.append(row_record["ended"] and turn == last_turn)
-    return {"predicted_end": predicted, "real_end": real, "end_probability": probability, "skipped_positions": skipped}
+                positions.append((owners[i], turn))
+    return {"predicted_end": predicted, "real_end": real, "end_probability": probability, "positions": positions,
+            "skipped_positions": skipped}
 
 
 def _turn_starts(target_turn: Sequence[int]) -> list[tuple[int, int]]:

@@ -154,7 +154,7 @@ class ItemsConfig:
 
 @dataclass
 class AdherenceConfig:
-    items: ItemsConfig = field(default_factory=ItemsConfig)
+    data: ItemsConfig = field(default_factory=ItemsConfig)
     intent_template: str = MISSING    # the user's intent; {question}, {choices}, {answer} from the item
     assistant_system_prompt: str = MISSING   # for assistant.kind hf | openai
     assistant_replies: list[str] = MISSING   # for assistant.kind scripted

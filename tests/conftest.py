@@ -174,3 +174,27 @@ def train_biased_user_lm(tiny_assets: Path, tiny_data: Path, out: Path, steps: i
 def biased_user_lm(tiny_assets, tiny_data, tmp_path_factory) -> Path:
     """<dir> with the biased tiny user LM and its tokenizer (train_biased_user_lm)."""
     return train_biased_user_lm(tiny_assets, tiny_data, tmp_path_factory.mktemp("biased_user_lm"))
+
+
+def build_tiny_detector(tiny_assets: Path, out: Path, zero_head: bool) -> Path:
+    """A tiny AI-text detector: a random Llama sequence classifier over the tiny tokenizer, labels
+    {0: "ai", 1: "human"}. zero_head: every text gets probability 0.5 (a known answer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    tokenizer.pad_token = "<|reserved_special_token_0|>"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=2, id2label={0: "ai", 1: "human"},
+                         label2id={"ai": 0, "human": 1}, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    if zero_head:
+        torch.nn.init.zeros_(model.score.weight)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tiny_assets, tmp_path_factory) -> Path:
+    return build_tiny_detector(tiny_assets, tmp_path_factory.mktemp("detector"), zero_head=False)
