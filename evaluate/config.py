@@ -65,10 +65,17 @@ class PerplexityTableConfig:
 
 
 @dataclass
+class IntrinsicTableConfig:
+    results_dir: str = MISSING                # evaluate.intrinsic's output_dir
+    paper_rows: dict[str, str] = MISSING      # result name -> the paper's row it reproduces
+
+
+@dataclass
 class TableConfig:
     tables: list[str] = MISSING               # each is evaluate/tables/<name>.py, configured by <name>
     output_dir: str = MISSING
     perplexity: PerplexityTableConfig = field(default_factory=PerplexityTableConfig)
+    intrinsic: IntrinsicTableConfig = field(default_factory=IntrinsicTableConfig)
 
 
 ConfigStore.instance().store(name="perplexity_schema", node=PerplexityConfig)

@@ -4,6 +4,7 @@ server whose rule the test applies again, independently, to the recorded convers
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
@@ -12,6 +13,7 @@ import pytest
 from evaluate import intrinsic_metrics as m
 from evaluate.intrinsic import run as run_intrinsic
 from evaluate.simulate import run as run_simulate
+from evaluate.table import run as run_table
 from evaluate.transcripts import read_transcripts
 from tests.conftest import REPO, compose_config
 from tests.openai_server import OpenAIServer
@@ -94,3 +96,14 @@ def test_intrinsic_metrics_end_to_end(biased_user_lm, tiny_data, tiny_prism, tin
     human = json.loads((tmp_path / "results" / "human" / "intrinsic.json").read_text())["metrics"]
     assert set(human) == {"first_turn_diversity", "intent_decomposition", "naturalness"}
     assert human["first_turn_diversity"]["turns"] == len(records)
+
+    # The paper's Table 2 layout, ours beside its numbers.
+    md, table_csv, png = run_table(compose_config("table", [
+        "tables=[intrinsic]", f"intrinsic.results_dir={tmp_path / 'results'}", f"output_dir={tmp_path / 'tables'}",
+        f"+intrinsic.paper_rows.{simulation.name}=UserLM-8b"]))
+    cells = {(r["row"], r["column"]): r for r in csv.DictReader(open(table_csv))}
+    diversity = cells["UserLM-8b", "First-turn diversity (↑)"]
+    assert float(diversity["ours"]) == metrics["first_turn_diversity"]["value"] and float(diversity["paper"]) == 94.55
+    assert float(cells["Human", "Naturalness (↑)"]["ours"]) == human["naturalness"]["value"]
+    assert cells["Human", "Role adherence (↑)"]["paper"] == "" and cells["Llama3-8b-Instruct", "Naturalness (↑)"]["paper"]
+    assert "| UserLM-8b |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
