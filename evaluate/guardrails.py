@@ -121,7 +121,8 @@ class TurnGuard(LogitsProcessor):
                     if state is None:
                         self.first_word_open[row] = False
                     else:
-                        first_word[row] = self.first_words.masks[state].to(scores.device)
+                        mask = self.first_words.masks[state]   # the tokenizer's ids; the model may have more rows
+                        first_word[row, :len(mask)] = mask.to(scores.device)
             masks["first_word"] = first_word
         if self.end_token_id is not None and self.forbid_end.any():
             end = torch.zeros_like(scores, dtype=torch.bool)

@@ -103,6 +103,7 @@ class UserTurn:
     text: str | None
     ended: bool
     truncated: bool                # the kept sample hit max_new_tokens before <|eot_id|>
+    tokens: int                    # tokens the kept sample generated (its stop token not counted)
     guardrails: TurnGuardrails = field(default_factory=TurnGuardrails)
 
 
@@ -112,6 +113,7 @@ class Sample:
     text: str
     ended: bool
     truncated: bool
+    tokens: int
     guard: RowRecord
 
 
@@ -174,7 +176,7 @@ class HFTurnSampler:
             samples = []
             for (ids, stopped), record in zip(outputs, guard.records):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                samples.append(Sample(text.strip(), END_CONVERSATION in text, not stopped, record))
+                samples.append(Sample(text.strip(), END_CONVERSATION in text, not stopped, len(ids), record))
             return samples
         return in_length_batches(prompts, self.batch_size, generate)
 
@@ -285,7 +287,8 @@ class UserSimulator:
                     retry.append(i)
                     continue
                 records[i].failed = violations
-                turns[i] = UserTurn(None if sample.ended else sample.text, sample.ended, sample.truncated, records[i])
+                turns[i] = UserTurn(None if sample.ended else sample.text, sample.ended, sample.truncated, sample.tokens,
+                                    records[i])
             pending = retry
             if not pending:
                 break
@@ -330,8 +333,8 @@ def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items
                 conversation.update(ended=True, end_reason="user_ended", end_turn=turn.guardrails.to_dict())
                 yield conversation
                 continue
-            conversation["turns"].append({"role": USER, "content": turn.text, "truncated": turn.truncated,
-                                          "guardrails": turn.guardrails.to_dict()})
+            conversation["turns"].append({"role": USER, "content": turn.text, "tokens": turn.tokens,
+                                          "truncated": turn.truncated, "guardrails": turn.guardrails.to_dict()})
             waiting.append(conversation)
         replies = assistant.reply([plain(c["turns"]) for c in waiting]) if waiting else []
         active = []

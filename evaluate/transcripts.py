@@ -4,7 +4,7 @@ Transcripts are an append-only JSONL, one finished conversation per line, each h
 operating system in one write as it finishes (the intents store's writer, data_prep.intents.store),
 so a killed run loses only the conversations in flight; a torn last line is cut off before
 appending again. A record:
-    id, intent, turns [{role, content, + for user turns: truncated, guardrails}], ended,
+    id, intent, turns [{role, content, + for user turns: tokens, truncated, guardrails}], ended,
     end_reason (user_ended | max_turns | assistant_error), end_turn (guardrails of the end sample)
 """
 
@@ -62,7 +62,7 @@ def summarise(records: list[dict], enabled: dict[str, bool]) -> dict:
     user_turns = [sum(t["role"] == USER for t in r["turns"]) for r in records]
     generated = [t["guardrails"] for r in records for t in r["turns"] if t["role"] == USER]
     generated += [r["end_turn"] for r in records if r["end_turn"] is not None]
-    truncated = sum(t["truncated"] for r in records for t in r["turns"] if t["role"] == USER)
+    kept = [t for r in records for t in r["turns"] if t["role"] == USER]
     return {
         "conversations": len(records),
         "user_turns_per_conversation": {
@@ -72,6 +72,7 @@ def summarise(records: list[dict], enabled: dict[str, bool]) -> dict:
             "histogram": {str(k): v for k, v in sorted(Counter(user_turns).items())},
         },
         "end_reasons": dict(sorted(Counter(r["end_reason"] for r in records).items())),
-        "truncated_user_turns": truncated,
+        "truncated_user_turns": sum(t["truncated"] for t in kept),
+        "user_turn_tokens_mean": round(statistics.fmean(t["tokens"] for t in kept), 6) if kept else 0.0,
         "guardrails": guardrail_report(generated, enabled),
     }

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from evaluate.simulate import run
 from evaluate.transcripts import read_transcripts
@@ -136,3 +137,22 @@ def test_resume_after_kill(tiny_assets, tiny_data, tmp_path):
     assert transcripts.read_bytes().startswith(finished)
     assert answered_after - answered_before == 4 * 2               # the four unfinished conversations only
     assert json.loads((out / "summary.json").read_text())["conversations"] == 6
+
+
+def test_an_instruct_model_plays_the_user_through_flipped_chat(tiny_chatml_model):
+    """flipped_chat: the instruct model's own template with roles swapped; its EOS ends a turn."""
+    from evaluate.simulator import GuardrailSettings, SamplingSettings, TurnRequest, UserSimulator
+    flipped_chat = {"system_prompt": "Play the user.", "system_prompt_with_intent": "{intent} Play the user.",
+                    "template_kwargs": {}}
+    simulator = UserSimulator.from_pretrained(str(tiny_chatml_model), SamplingSettings(max_new_tokens=6),
+                                              GuardrailSettings(max_retries=0), protocol="flipped_chat",
+                                              flipped_chat=flipped_chat)
+    history = [{"role": "user", "content": "hello there friend"}, {"role": "assistant", "content": "Hi!"}]
+    prompt = simulator.tokenizer.decode(simulator.protocol.build_prompt("Intent.", history))
+    assert prompt.startswith("<|im_start|>system\nIntent. Play the user.<|im_end|>")
+    assert "<|im_start|>assistant\nhello there friend<|im_end|>\n<|im_start|>user\nHi!" in prompt  # roles swapped
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert simulator.end_token_id is None                  # no such token: an early end is resampled instead
+    torch.manual_seed(0)
+    turns = simulator.generate([TurnRequest("Intent.", history, allow_end=False)] * 4)
+    assert all(t.text is not None and not t.ended and 0 < t.tokens <= 6 for t in turns)

@@ -1,0 +1,94 @@
+"""User-simulation throughput: conversations per minute, batched vs one conversation at a time.
+
+    python benchmarks/simulate_throughput.py                                   # tiny model, CPU
+    python benchmarks/simulate_throughput.py --model random-1b --device cuda   # Llama-3.2-1B-shaped random model, bf16
+
+The same conversations are simulated twice with evaluate.simulator: `--batch-size` conversations in
+flight (one generate call per round for all of them), then one at a time (batch size 1). The user
+LM is the workload: the assistant is scripted (a fixed reply, no model), every conversation runs
+`--turns` user turns (ending is not allowed before), every turn samples `--max-new-tokens` tokens
+(a random model rarely stops earlier) with the card's sampling, and all four guardrails are on
+with no retries (their checks cost the same in both runs; a random model's turns would otherwise
+be resampled a variable number of times). Prints and writes (--out) conversations per minute,
+user turns and generated tokens per second, and the speedup. Goal: batched >= 5x one at a time at
+batch 32. Timings are not assertions: tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.ppl_throughput import load_model, synchronize  # the same models as the perplexity benchmark
+from evaluate.assistants import ScriptedAssistant
+from evaluate.protocols import make_protocol
+from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator, simulate_conversations
+
+
+def simulate(model, tokenizer, items, batch_size: int, turns: int, max_new_tokens: int, device: str) -> dict:
+    protocol = make_protocol("userlm", tokenizer, end_token="token", pad_token="<|reserved_special_token_0|>")
+    simulator = UserSimulator(model, protocol, SamplingSettings(max_new_tokens=max_new_tokens),
+                              GuardrailSettings(max_retries=0), batch_size)
+    torch.manual_seed(0)
+    synchronize(device)
+    start = time.perf_counter()
+    records = list(simulate_conversations(simulator, ScriptedAssistant(["Sure, go on."]), items, max_user_turns=turns,
+                                          end_allowed_after=turns + 1, pool_size=batch_size))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    user_turns = [t for r in records for t in r["turns"] if t["role"] == "user"]
+    tokens = sum(t["tokens"] for t in user_turns)
+    return {"batch_size": batch_size, "conversations": len(records), "user_turns": len(user_turns),
+            "seconds": round(seconds, 3), "conversations_per_minute": round(60 * len(records) / seconds, 2),
+            "user_turns_per_s": round(len(user_turns) / seconds, 2), "generated_tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("outputs/tiny/data/wildchat"),
+                        help="data_prep output: its tokenizer and its intents")
+    parser.add_argument("--model", default="outputs/tiny/model", help="a model directory, or random-1b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--conversations", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/simulate_throughput-<model>-<device>.json")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")
+    model = load_model(args.model, dtype, args.device)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    intents = datasets.load_from_disk(str(args.data_dir / "conversations" / "train"))["intent"]
+    items = [{"id": str(i), "intent": intents[i % len(intents)]} for i in range(args.conversations)]
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {parameters:,} parameters, {dtype} on {args.device}; {len(items)} conversations x "
+          f"{args.turns} user turns x {args.max_new_tokens} new tokens")
+
+    simulate(model, tokenizer, items[:2], 2, 1, 4, args.device)  # warm-up
+    report = {"model": args.model, "parameters": parameters, "device": args.device, "dtype": str(dtype),
+              "turns": args.turns, "max_new_tokens": args.max_new_tokens, "runs": {}}
+    for name, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
+        report["runs"][name] = simulate(model, tokenizer, items, batch_size, args.turns, args.max_new_tokens,
+                                        args.device)
+        print(f"{name:>14}: {json.dumps(report['runs'][name])}")
+    report["speedup"] = round(report["runs"]["one_at_a_time"]["seconds"] / report["runs"]["batched"]["seconds"], 2)
+    print(f"batched (batch {args.batch_size}) / one at a time: {report['speedup']}x (goal >= 5x)")
+    out = args.out or Path("benchmarks/results") / f"simulate_throughput-{Path(args.model).name}-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
