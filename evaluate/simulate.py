@@ -32,6 +32,7 @@ from tqdm import tqdm
 import evaluate.simulate_config  # noqa: F401  (registers the config schema)
 from data_prep import artifacts
 from evaluate.assistants import describe, make_assistant
+from evaluate.guardrails import GUARDRAILS
 from evaluate.simulator import GuardrailSettings, UserSimulator, simulate_conversations
 from evaluate.transcripts import TranscriptWriter, read_intent_items, read_transcripts, summarise
 
@@ -88,7 +89,7 @@ def run(cfg) -> Path:
     artifacts.write_json(output_dir / "summary.json", summary)
     per_turn = summary["user_turns_per_conversation"]
     rates = ", ".join(f"{name} {summary['guardrails'][name]['rate']:.3f}"
-                      for name in ("first_word", "end_conversation", "length", "repetition"))
+                      for name in GUARDRAILS)
     print(f"{summary['conversations']} conversations, {per_turn['mean']:.2f} user turns each; end reasons "
           f"{json.dumps(summary['end_reasons'])}; guardrail rates: {rates}; "
           f"failed turns {summary['guardrails']['failed_turns']} -> {output_dir}")

@@ -31,8 +31,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, USER
-from evaluate.protocols import make_protocol
 from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
+from evaluate.protocols import make_protocol
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ class SamplingSettings:
     do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 0.8
-    top_k: int = 0                 # 0: off (transformers would otherwise not apply one either)
+    top_k: int = 0                 # 0: no top-k filtering
     max_new_tokens: int = 64
 
     @classmethod

@@ -134,7 +134,7 @@ def test_presets_compose():
     for preset in ("tiny", "paper"):
         cfg = compose_config("perplexity", [f"experiment={preset}", "model=m"])
         assert cfg.data_dirs.wildchat.endswith("data/wildchat")
-        assert compose_config("table", [f"experiment={preset}"]).tables == ["perplexity"]
+        assert compose_config("table", [f"experiment={preset}"]).tables == ["perplexity", "intrinsic"]
     with pytest.raises(Exception, match="no_such_key"):
         compose_config("perplexity", ["model=m", "no_such_key=1"])
 
