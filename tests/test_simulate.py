@@ -156,3 +156,14 @@ def test_an_instruct_model_plays_the_user_through_flipped_chat(tiny_chatml_model
     torch.manual_seed(0)
     turns = simulator.generate([TurnRequest("Intent.", history, allow_end=False)] * 4)
     assert all(t.text is not None and not t.ended and 0 < t.tokens <= 6 for t in turns)
+
+
+def test_presets_compose():
+    import evaluate.simulate_config  # noqa: F401
+    for preset in ("tiny", "paper"):
+        cfg = compose_config("simulate", [f"experiment={preset}"])
+        assert cfg.sampling.top_p == 0.8 and cfg.sampling.temperature == 1.0          # the card's settings
+        assert compose_config("intrinsic", [f"experiment={preset}", "simulation=x"]).first_turns > 0
+    generation_config = compose_config("simulate", ["sampling=generation_config"]).sampling
+    assert (generation_config.temperature, generation_config.top_p) == (0.6, 0.9)
+    assert compose_config("simulate", ["experiment=paper"]).output_dir == "outputs/paper/simulate/microsoft--UserLM-8b"
