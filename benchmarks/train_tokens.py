@@ -10,8 +10,8 @@ processes in one epoch under train/run.py's batching:
     per_turn, dynamic padding        one sample per row, rows padded to the longest of a micro batch
     per_turn packed                  per-turn samples packed into max_seq_len rows
     per_conversation packed          each conversation once (every user turn a target), packed
-Same target tokens in every layout (checked). Goal: per_conversation packed <= 0.4x per_turn padded,
-packing efficiency (non-pad / processed tokens) >= 98%. Prints a table and writes JSON (--out).
+Same target tokens in every layout (checked). Goal: per_conversation packed <= 0.4x per_turn (even
+with dynamic padding, the cheaper reading of "padded"), packing efficiency (non-pad / processed) >= 98%. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -98,19 +98,20 @@ def main() -> None:
     }
     if len({v["target_tokens"] for v in layouts.values()}) != 1:
         print("note: target tokens differ between layouts (windows cut differently at max_seq_len)")
-    baseline = fixed
     print(f"source: {'synthetic ' + str(args.wildchat_rows) + ' rows' if args.wildchat_rows else 'embedded sample'}; "
-          f"max_seq_len {args.max_seq_len}; train split")
-    print(f"{'layout':34} {'examples':>9} {'rows':>8} {'processed':>12} {'x padded':>9} {'x unpadded':>11} "
-          f"{'efficiency':>10} {'targets':>9}")
+          f"max_seq_len {args.max_seq_len}; train split; processed tokens, and as a fraction of per_turn's")
+    print(f"{'layout':32} {'examples':>9} {'rows':>7} {'processed':>11} {'x padded':>9} {'x dynamic':>9} "
+          f"{'x unpadded':>10} {'efficiency':>10} {'targets':>9}")
     for name, v in layouts.items():
-        v["vs_per_turn_padded"] = v["processed_tokens"] / baseline
+        v["vs_per_turn_padded"] = v["processed_tokens"] / fixed
+        v["vs_per_turn_dynamic"] = v["processed_tokens"] / turn_padded["processed_tokens"]
         v["vs_per_turn_unpadded"] = v["processed_tokens"] / turn_padded["tokens"]
-        print(f"{name:34} {v['examples']:>9} {v['rows']:>8} {v['processed_tokens']:>12} "
-              f"{v['vs_per_turn_padded']:>9.3f} {v['vs_per_turn_unpadded']:>11.3f} {100 * v['packing_efficiency']:>9.1f}% "
-              f"{v['target_tokens']:>9}")
-    goal = conversation_packed["processed_tokens"] <= 0.4 * baseline and conversation_packed["packing_efficiency"] >= 0.98
-    print(f"goal (per_conversation packed <= 0.4x per_turn padded, efficiency >= 98%): {'met' if goal else 'NOT met'}")
+        print(f"{name:32} {v['examples']:>9} {v['rows']:>7} {v['processed_tokens']:>11} {v['vs_per_turn_padded']:>9.3f} "
+              f"{v['vs_per_turn_dynamic']:>9.3f} {v['vs_per_turn_unpadded']:>10.3f} "
+              f"{100 * v['packing_efficiency']:>9.1f}% {v['target_tokens']:>9}")
+    goal = (conversation_packed["vs_per_turn_dynamic"] <= 0.4 and conversation_packed["packing_efficiency"] >= 0.98)
+    print("goal (per_conversation packed <= 0.4x per_turn with dynamic padding, efficiency >= 98%): "
+          f"{'met' if goal else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"wildchat_rows": args.wildchat_rows, "max_seq_len": args.max_seq_len,
                                     "layouts": layouts, "goal_met": goal}, indent=2) + "\n")

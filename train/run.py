@@ -64,6 +64,10 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 def run(cfg) -> Path:
     # ---- setup: batch arithmetic, DeepSpeed config, accelerator ------------------------------------
     output_dir, data_dir = Path(cfg.output_dir), Path(cfg.data.path)
+    if (cfg.train.resume == "auto" and artifacts.is_complete(output_dir / "model")
+            and (output_dir / "config.yaml").read_text() == OmegaConf.to_yaml(cfg, resolve=True)):
+        log.info("%s already holds the model this config trains: nothing to do", output_dir / "model")
+        return output_dir / "model"
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
         raise RuntimeError("ACCELERATE_USE_CPU is set (use_cpu: true in the accelerate config): accelerate would "
                            "silently run without DeepSpeed; use conf/accelerate/cpu.yaml on CPU")
@@ -124,7 +128,8 @@ def run(cfg) -> Path:
         raise RuntimeError(f"accelerate prepared a {type(model).__name__}, not a DeepSpeed engine")
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.parameters())
-    embedding_params = unwrapped.config.vocab_size * unwrapped.config.hidden_size
+    # The input embedding is a lookup, not a matmul (unless it is tied to the output layer, which is).
+    lookup_params = 0 if unwrapped.config.tie_word_embeddings else unwrapped.config.vocab_size * unwrapped.config.hidden_size
     peak_flops = peak_flops_per_device(cfg.train.peak_tflops)
     setup = {"processes": accelerator.num_processes, "backend": dist.get_backend(),
              "deepspeed_zero_stage": model.zero_optimization_stage(), "device": str(accelerator.device),
@@ -206,7 +211,7 @@ def run(cfg) -> Path:
                   "target_tokens": stats["target_tokens"], "packing_efficiency": stats["packing_efficiency"],
                   "tokens_per_s": stats["tokens"] / seconds, "step_seconds": seconds}
         if peak_flops:
-            flops = training_flops(n_params - embedding_params, unwrapped.config.num_hidden_layers,
+            flops = training_flops(n_params - lookup_params, unwrapped.config.num_hidden_layers,
                                    unwrapped.config.hidden_size, stats["tokens"], stats["squared_lengths"])
             record["mfu"] = flops / (seconds * accelerator.num_processes * peak_flops)
         metrics.write(record)
