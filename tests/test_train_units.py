@@ -30,6 +30,14 @@ def test_presets_compose(experiment):
     assert cfg.optimizer.lr == (3e-3 if experiment == "tiny" else 2e-5)
 
 
+def test_boolean_choices_survive_yaml():
+    from train.model import resolve_gradient_checkpointing
+    cfg = compose_config("train", ["model.gradient_checkpointing=true"])
+    assert resolve_gradient_checkpointing(cfg.model.gradient_checkpointing) is True
+    with pytest.raises(ValueError, match="expected one of auto, true, false"):
+        resolve_gradient_checkpointing("sometimes")
+
+
 def test_unknown_key_fails():
     with pytest.raises(ConfigCompositionException):
         compose_config("train", ["train.learning_rate=1e-4"])

@@ -11,7 +11,6 @@ see the same filesystem.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -71,6 +70,6 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, train_state: dict,
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator, path: Path) -> None:
+    """Restore every process's shards, RNG states and the registered scheduler."""
     accelerator.load_state(str(path))
-    return json.loads((path / "train_state.json").read_text())

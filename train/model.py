@@ -59,10 +59,20 @@ def check_tokenizer_matches_model(tokenizer, model_cfg) -> None:
                          "the data's; rerun data_prep with the model's tokenizer")
 
 
+def _choice(key: str, value: str, choices: dict):
+    # YAML/command-line true and false reach a string field as "True"/"False".
+    if value.lower() not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    return choices[value.lower()]
+
+
 def resolve_precision(precision: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _choice("model.precision", precision, {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32})
+
+
+def resolve_gradient_checkpointing(value: str) -> bool:
+    return _choice("model.gradient_checkpointing", value, {"auto": torch.cuda.is_available(), "true": True, "false": False})
 
 
 def resolve_attention(attn_implementation: str) -> str:

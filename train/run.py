@@ -53,7 +53,8 @@ from train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402
 from train.metrics import MetricsLog, peak_flops_per_device, training_flops  # noqa: E402
 from train.model import (check_tokenizer_matches_model, load_model, load_tokenizer, model_card,  # noqa: E402
-                         resolve_attention, resolve_precision, save_model, token_losses)
+                         resolve_attention, resolve_gradient_checkpointing, resolve_precision, save_model,
+                         token_losses)
 from train.optim import deepspeed_config, make_optimizer, warmup_cosine  # noqa: E402
 
 log = logging.getLogger("train")
@@ -64,8 +65,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 def run(cfg) -> Path:
     # ---- setup: batch arithmetic, DeepSpeed config, accelerator ------------------------------------
     output_dir, data_dir = Path(cfg.output_dir), Path(cfg.data.path)
-    if (cfg.train.resume == "auto" and artifacts.is_complete(output_dir / "model")
-            and (output_dir / "config.yaml").read_text() == OmegaConf.to_yaml(cfg, resolve=True)):
+    if cfg.train.resume == "auto" and artifacts.is_complete(output_dir / "model") and same_training(cfg, output_dir):
         log.info("%s already holds the model this config trains: nothing to do", output_dir / "model")
         return output_dir / "model"
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
@@ -114,7 +114,7 @@ def run(cfg) -> Path:
     check_tokenizer_matches_model(tokenizer, cfg.model)
     attention = resolve_attention(cfg.model.attn_implementation)
     model = load_model(cfg.model, tokenizer, dtype, attention)
-    checkpointing = on_gpu if cfg.model.gradient_checkpointing == "auto" else cfg.model.gradient_checkpointing == "true"
+    checkpointing = resolve_gradient_checkpointing(cfg.model.gradient_checkpointing)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, cfg.optimizer, ds_config)
@@ -144,10 +144,11 @@ def run(cfg) -> Path:
     resume_from = find_resume_point(output_dir, cfg.train.resume)
     start_step = 0
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        state = json.loads((resume_from / "train_state.json").read_text())
         if state["plan_fingerprint"] != plan.fingerprint():
             raise ValueError(f"{resume_from} was written with other data or batch settings "
                              f"(plan {state['plan_fingerprint']} != {plan.fingerprint()}): cannot resume onto it")
+        load_checkpoint(accelerator, resume_from)
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     config = artifacts.resolved_config(cfg)
@@ -236,6 +237,15 @@ def run(cfg) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir / "model"
+
+
+def same_training(cfg, output_dir: Path) -> bool:
+    """Whether output_dir's config.yaml describes this very training (train.resume aside)."""
+    def without_resume(config: dict) -> dict:
+        return {**config, "train": {k: v for k, v in config["train"].items() if k != "resume"}}
+    saved = output_dir / "config.yaml"
+    return saved.exists() and without_resume(OmegaConf.to_container(OmegaConf.load(saved))) == \
+        without_resume(artifacts.resolved_config(cfg))
 
 
 @hydra.main(version_base="1.3", config_path="../conf/train", config_name="config")
