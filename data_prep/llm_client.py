@@ -46,7 +46,7 @@ CHARS_PER_TOKEN = 4  # estimate of prompt tokens before the server reports usage
 @dataclass
 class ClientConfig:
     """Structured-config schema of one endpoint (values in YAML; see conf/data_prep/config.yaml)."""
-    base_url: str = MISSING                     # e.g. https://api.openai.com/v1 or http://localhost:8000/v1
+    base_url: str = MISSING                     # the endpoint's /v1 root (conf/ holds OpenAI's and vLLM's)
     model: str = MISSING
     api_key_env: Optional[str] = MISSING        # NAME of the environment variable holding the key; null: none
     concurrency: int = MISSING                  # requests in flight

@@ -7,9 +7,8 @@ intents stage runs, filling the store at `intents.path` (resumable: run it again
     python -m data_prep.intents experiment=paper intents.backend=openai \\
         intents.openai.model=meta-llama/Llama-3.1-8B-Instruct intents.path=outputs/paper/intents.jsonl
     # OpenAI itself (the key is read from the variable named here, never stored)
-    OPENAI_API_KEY=... python -m data_prep.intents experiment=paper intents.backend=openai \\
-        intents.openai.base_url=https://api.openai.com/v1 intents.openai.model=gpt-4o \\
-        intents.openai.api_key_env=OPENAI_API_KEY
+    # (experiment=paper holds OpenAI's endpoint, gpt-4o and api_key_env=OPENAI_API_KEY)
+    OPENAI_API_KEY=... python -m data_prep.intents experiment=paper intents.backend=openai
     # a local transformers model (the tiny one here; gibberish intents, working mechanics)
     python -m data_prep.intents experiment=tiny intents.backend=hf intents.hf.model=outputs/tiny/model \\
         intents.path=outputs/tiny/intents.jsonl intents.checks.require_prefix=null

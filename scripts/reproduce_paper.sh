@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The paper's reproduction end to end, as a commented list of commands (the full-size twin of
+# scripts/quickstart.sh). Needs: the hub (HF_HUB_OFFLINE=0, a token with access to
+# meta-llama/Meta-Llama-3-8B), an intent writer (OPENAI_API_KEY for GPT-4o, or a vLLM server), and
+# GPUs. Sizes and times are the paper's or estimates; none was measured on this project's machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0
+py=.venv/bin/python
+
+# 1. Intents, then flipped data (WildChat-1M, 837,989 conversations -> ~384k kept -> ~1.05M
+#    per-turn train samples). Intents: ~384k GPT-4o calls, hours, cached and resumable.
+#    Pin the dataset revision for a reproducible funnel: data.revision=<commit sha>.
+$py -m data_prep experiment=paper intents.backend=openai intents.path=outputs/paper/intents.jsonl
+$py -m data_prep experiment=paper dataset=prism intents.backend=openai intents.path=outputs/paper/intents.jsonl
+
+# 2. Fine-tune Llama-3-8B base: full parameters, ZeRO-3, seq 2048, batch 1024, lr 2e-5
+#    (~1,023 steps per epoch; the paper: 227 hours on 4 x RTX A6000).
+accelerate launch --config_file conf/accelerate/8gpu.yaml train/run.py experiment=paper
+
+# 3. Perplexity table: our model, the released UserLM-8b, and the paper's baselines.
+$py -m evaluate.perplexity -m experiment=paper model=outputs/paper/train/model name=ours-8b \
+    dataset=wildchat,prism intent=none,task
+$py -m evaluate.perplexity -m experiment=paper model=microsoft/UserLM-8b dataset=wildchat,prism intent=none,task
+$py -m evaluate.perplexity -m experiment=paper model=meta-llama/Meta-Llama-3-8B dataset=wildchat,prism intent=none,task
+$py -m evaluate.perplexity -m experiment=paper model=meta-llama/Meta-Llama-3-8B-Instruct protocol=flipped_chat \
+    dataset=wildchat,prism intent=none,task
+$py -m evaluate.table experiment=paper

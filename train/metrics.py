@@ -1,0 +1,77 @@
+"""Training metrics: metrics.jsonl (always) and wandb (offline by default), main process only;
+and the FLOP count behind the MFU estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name(); the first
+# match wins, so the more specific names come first. train.peak_tflops overrides.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("A6000", 154.8), ("A10", 125.0))
+
+
+def peak_flops_per_device(override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device, or None (CPU, or a GPU not in the table: no MFU is reported)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    log.warning("no peak FLOP/s known for %r: set train.peak_tflops for an MFU estimate", name)
+    return None
+
+
+def training_flops(matmul_params: int, layers: int, hidden: int, tokens: int, squared_lengths: int) -> float:
+    """FLOPs of one training step (forward + backward, no recomputation counted).
+
+    6 per parameter per token for the weight matrices (`matmul_params`: every parameter except the
+    input embedding table, which is a lookup), plus causal attention: per layer and example of n
+    tokens, QK^T and AV cost 2 * 2 * n^2 * hidden / 2 forward, x3 with the backward pass.
+    """
+    return 6.0 * matmul_params * tokens + 6.0 * layers * hidden * squared_lengths
+
+
+class MetricsLog:
+    """Appends one JSON line per event to <output_dir>/metrics.jsonl and mirrors it to wandb.
+
+    On resume the lines after the checkpoint's step are dropped first, so the file never holds two
+    different values for one step.
+    """
+
+    def __init__(self, output_dir: Path, resume_step: int, wandb_cfg, config: dict, enabled: bool):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if wandb_cfg.mode != "disabled":
+            import wandb
+            (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
+            self.wandb_run = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or output_dir.name,
+                                        mode=wandb_cfg.mode, dir=str(output_dir), config=config)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,227 @@
+"""The model side of training: tokenizer checks, model loading, embedding resize, export.
+
+The tokenizer is the one data_prep wrote beside its examples (`<data>/tokenizer`): the token ids in
+the data were made with it, so training must use it, and the model must agree with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import is_flash_attn_2_available
+
+from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(data_dir: Path):
+    """data_prep's prepared tokenizer, checked: <|endconversation|>, chat template, EOS, pad."""
+    path = data_dir / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    problems = []
+    if END_CONVERSATION not in tokenizer.get_vocab():
+        problems.append(f"no {END_CONVERSATION} token")
+    if tokenizer.eos_token != EOT:
+        problems.append(f"EOS is {tokenizer.eos_token!r}, not {EOT}")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        problems.append("no pad token distinct from EOS")
+    if tokenizer.chat_template != CHAT_TEMPLATE:
+        problems.append("its chat template is not data_prep.chat_format.CHAT_TEMPLATE")
+    if problems:
+        raise ValueError(f"{path}: {'; '.join(problems)} (was it written by data_prep.chat_format.prepare_tokenizer?)")
+    return tokenizer
+
+
+def check_tokenizer_matches_model(tokenizer, model_cfg) -> None:
+    """Every token of the model's own tokenizer (if it ships one) must keep its id in ours."""
+    try:
+        base = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                             trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        log.warning("model %s ships no loadable tokenizer (%s): token ids are not cross-checked",
+                    model_cfg.name_or_path, type(error).__name__)
+        return
+    ours = tokenizer.get_vocab()
+    moved = [(token, i, ours.get(token)) for token, i in base.get_vocab().items() if ours.get(token) != i]
+    if moved:
+        token, theirs, mine = moved[0]
+        raise ValueError(f"the data's tokenizer does not match model {model_cfg.name_or_path}: {len(moved)} "
+                         f"token(s) differ, e.g. {token!r} is {theirs} in the model's tokenizer and {mine} in "
+                         "the data's; rerun data_prep with the model's tokenizer")
+
+
+def _choice(key: str, value: str, choices: dict):
+    # YAML/command-line true and false reach a string field as "True"/"False".
+    if value.lower() not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+    return choices[value.lower()]
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _choice("model.precision", precision, {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32})
+
+
+def resolve_gradient_checkpointing(value: str) -> bool:
+    return _choice("model.gradient_checkpointing", value, {"auto": torch.cuda.is_available(), "true": True, "false": False})
+
+
+def resolve_attention(attn_implementation: str) -> str:
+    if attn_implementation == "auto":
+        return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+    return attn_implementation
+
+
+def gathered(params, modifier_rank=None):
+    """All of a ZeRO-3-partitioned parameter on every process for the block (no-op otherwise)."""
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def resize_embeddings(model, vocab_size: int) -> int:
+    """Grow input and output embeddings to `vocab_size` rows; new rows = mean of the existing rows.
+
+    The mean keeps the new token's logit in line with the others (a random row would start it as
+    an outlier). transformers' resize already handles ZeRO-3 partitions; the mean is written with
+    the full matrices gathered. Returns the number of rows added (0: nothing to do; a model with
+    more rows than the tokenizer keeps them).
+    """
+    embeddings = model.get_input_embeddings()
+    with gathered([embeddings.weight]):
+        old = embeddings.weight.shape[0]
+    if vocab_size <= old:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    if not model.config.get_text_config().tie_word_embeddings:
+        matrices.append(model.get_output_embeddings().weight)
+    with gathered(matrices, modifier_rank=0), torch.no_grad():
+        for weight in matrices:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+    return vocab_size - old
+
+
+def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: str):
+    """The base model, with embeddings for the tokenizer and UserLM's EOS/pad in its configs.
+
+    Under ZeRO-3 (an Accelerator with a ZeRO-3 DeepSpeedPlugin exists) the weights are partitioned
+    across processes as they load.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+        dtype=dtype, attn_implementation=attn_implementation)
+    added = resize_embeddings(model, len(tokenizer))
+    log.info("embeddings: %d rows (%d added, initialised to the mean of the others)", len(tokenizer), added)
+    eot, pad = tokenizer.convert_tokens_to_ids(EOT), tokenizer.pad_token_id
+    model.config.eos_token_id, model.config.pad_token_id = eot, pad
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eot, pad
+    model.config.use_cache = False  # training; the export turns it back on
+    return model
+
+
+def token_losses(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy of every position against its (already shifted) target; 0 where none.
+
+    No attention mask is passed, on purpose: with restarting position_ids and no mask (and no
+    cache) transformers builds the block-diagonal causal mask of packed rows; right padding needs
+    no mask under causal attention.
+    """
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view_as(batch["targets"])
+
+
+def generation_config(model, tokenizer, generation_cfg) -> GenerationConfig:
+    return GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(EOT),
+        pad_token_id=tokenizer.pad_token_id, do_sample=generation_cfg.do_sample,
+        temperature=generation_cfg.temperature, top_p=generation_cfg.top_p)
+
+
+def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Path) -> int:
+    """Write complete HF safetensors, tokenizer (chat template) and configs into `directory`.
+
+    `state_dict` is the full one (accelerator.get_state_dict gathers it from ZeRO-3 partitions);
+    the count of parameters written is checked against the model's own, so a partitioned stub can
+    never pass for a model. Returns that count.
+    """
+    model.config.use_cache = True
+    model.generation_config = generation_config(model, tokenizer, generation_cfg)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    expected = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    written = count_saved_parameters(directory)
+    if written != expected:
+        raise RuntimeError(f"exported {written} parameters to {directory}, the model has {expected}: incomplete export")
+    return written
+
+
+def count_saved_parameters(directory: Path) -> int:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"no safetensors written in {directory}")
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def model_card(base_model: str, config_yaml: str, manifest: dict, metrics: dict) -> str:
+    """README.md of the exported model: what it is, how to run it, what it was trained with/on."""
+    return f"""---
+library_name: transformers
+base_model: {base_model}
+tags: [user-simulator, userlm]
+---
+# User language model fine-tuned from {base_model}
+
+A *user* language model: it plays the human side of a chat with an assistant, conditioned on a
+one-sentence task intent in the system prompt (the recipe of UserLM-8b, "Flipping the Dialogue",
+arXiv 2510.06552), trained with userlm-pipeline's `train/run.py`. It writes the next user turn;
+`{END_CONVERSATION}` means the user ends the conversation.
+
+## Use (UserLM-8b's published snippet; `return_dict=False` is needed since transformers 5)
+```python
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+model_path = "PATH/TO/THIS/DIRECTORY"
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+model = AutoModelForCausalLM.from_pretrained(model_path)
+messages = [{{"role": "system", "content": "You are a user chatting with an assistant language model to ..."}}]
+inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=False)
+end_token_id = tokenizer.encode("{EOT}", add_special_tokens=False)
+end_conv_token_id = tokenizer.encode("{END_CONVERSATION}", add_special_tokens=False)
+outputs = model.generate(input_ids=inputs, do_sample=True, top_p=0.8, temperature=1, max_new_tokens=10,
+                         eos_token_id=end_token_id, pad_token_id=tokenizer.eos_token_id,
+                         bad_words_ids=[[token_id] for token_id in end_conv_token_id])
+print(tokenizer.decode(outputs[0][inputs.shape[1]:], skip_special_tokens=True))
+```
+
+## Final metrics
+```json
+{json.dumps(metrics, indent=2, sort_keys=True)}
+```
+
+## Training configuration (resolved)
+```yaml
+{config_yaml.rstrip()}
+```
+
+## Training data (data_prep manifest)
+```json
+{json.dumps(manifest, indent=2, sort_keys=True)}
+```
+"""
