@@ -60,10 +60,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 avoids OpenMP stalls on a shared machine")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/simulate_throughput-<model>-<device>.json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")
     model = load_model(args.model, dtype, args.device)
@@ -77,6 +81,7 @@ def main() -> None:
 
     simulate(model, tokenizer, items[:2], 2, 1, 4, args.device)  # warm-up
     report = {"model": args.model, "parameters": parameters, "device": args.device, "dtype": str(dtype),
+              "threads": torch.get_num_threads(),
               "turns": args.turns, "max_new_tokens": args.max_new_tokens, "runs": {}}
     for name, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
         report["runs"][name] = simulate(model, tokenizer, items, batch_size, args.turns, args.max_new_tokens,
