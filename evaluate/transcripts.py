@@ -19,7 +19,7 @@ import datasets
 from data_prep import artifacts
 from data_prep.chat_format import USER
 from data_prep.intents.store import IntentWriter as TranscriptWriter  # a durable JSONL appender
-from data_prep.intents.store import _lines as jsonl_rows              # rows; a torn last line -> None
+from data_prep.intents.store import jsonl_rows  # rows; a torn last line -> None
 from data_prep.intents.store import read_intents
 from evaluate.guardrails import guardrail_report
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded sample, on CPU, in about 5 minutes (the CPU-sized twin of
+# The whole pipeline on the embedded sample, on CPU, in about 4 minutes (the CPU-sized twin of
 # scripts/reproduce_paper.sh). Every step's output lands under outputs/tiny/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +29,10 @@ $py -m evaluate.perplexity -m experiment=tiny model=outputs/tiny/model name=tiny
     dataset=wildchat,prism intent=none,task
 $py -m evaluate.perplexity -m experiment=tiny model=outputs/tiny/train/model name=tiny-trained \
     dataset=wildchat,prism intent=none,task
-# 6. The paper's perplexity table with ours beside it: outputs/tiny/results/tables/.
+# 6. Simulate (~30-60 s): the trained tiny user LM, with the paper's guardrails, against the random
+#    tiny model as assistant, for 8 intents of the test split; then the intrinsic metrics of those
+#    conversations (diversity, intent decomposition, termination on the PRISM sample).
+$py -m evaluate.simulate experiment=tiny
+$py -m evaluate.intrinsic experiment=tiny
+# 7. The paper's perplexity and intrinsic tables with ours beside them: outputs/tiny/results/tables/.
 $py -m evaluate.table experiment=tiny

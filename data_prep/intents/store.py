@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 FSYNC_INTERVAL_S = 0.5
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict | None]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
     """(line number, row) for each non-empty line; row None for a torn last line."""
     with open(path, "rb") as f:
         data = f.read()
@@ -42,7 +42,7 @@ def _lines(path: Path) -> Iterator[tuple[int, dict | None]]:
 
 def read_store(path: str | Path) -> Iterator[dict]:
     """Every well-formed row; a bad line is an error naming the file, line and field."""
-    for line_number, row in _lines(Path(path)):
+    for line_number, row in jsonl_rows(Path(path)):
         if row is None:
             continue
         for key in ("conversation_hash", "intent"):
