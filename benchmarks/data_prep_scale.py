@@ -66,6 +66,8 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
                         turns.append(("user", _words(rng, vocabulary, 20, 1.3, 6000)))
                         turns.append(("assistant", _words(rng, vocabulary, 150, 0.9, 3000)))
                 row = writer.add(turns, language=rng.choices(names, weights)[0])
+                if turns is previous:
+                    continue  # a duplicate shares its original's hash, and so its intent
                 previous = turns
                 intents.write(json.dumps({"conversation_hash": row["conversation_hash"],
                                           "intent": "You are a user chatting with an assistant language "
