@@ -1,9 +1,8 @@
 """`python -m evaluate.intrinsic`: the paper's six intrinsic metrics of a user simulator (Table 2).
 
     python -m evaluate.simulate experiment=paper ...                 # first: conversations to measure
-    python -m evaluate.intrinsic experiment=paper simulation=outputs/paper/simulate/microsoft--UserLM-8b \\
-        judge.client.model=gpt-4o judge.client.base_url=https://api.openai.com/v1 \\
-        judge.client.api_key_env=OPENAI_API_KEY
+    OPENAI_API_KEY=... python -m evaluate.intrinsic experiment=paper \\
+        simulation=outputs/paper/simulate/microsoft--UserLM-8b         # GPT-4o judges (the preset)
     python -m evaluate.intrinsic experiment=tiny                     # the tiny pipeline, CPU
     python -m evaluate.intrinsic ... metrics=[first_turn_diversity,intent_decomposition]   # a subset
 

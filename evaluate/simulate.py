@@ -1,9 +1,9 @@
 """`python -m evaluate.simulate`: a user LM talks to an assistant, one conversation per intent.
 
     python -m evaluate.simulate experiment=tiny                      # tiny model vs itself, CPU, seconds
-    python -m evaluate.simulate experiment=paper user_model.name_or_path=microsoft/UserLM-8b \\
-        intents.path=outputs/paper/data/wildchat assistant.openai.model=gpt-4o \\
-        assistant.openai.base_url=https://api.openai.com/v1 assistant.openai.api_key_env=OPENAI_API_KEY
+    OPENAI_API_KEY=... python -m evaluate.simulate experiment=paper   # UserLM-8b vs GPT-4o (the preset)
+    python -m evaluate.simulate experiment=paper user_model.name_or_path=outputs/paper/train/model \\
+        assistant.openai.base_url=http://localhost:8000/v1 assistant.openai.model=<served model>
     python -m evaluate.simulate ... sampling=generation_config       # the generation_config's 0.6 / 0.9
     python -m evaluate.simulate ... guardrails.first_word.enabled=false   # switch a guardrail off
 
