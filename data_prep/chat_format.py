@@ -224,9 +224,12 @@ class ChatEncoder:
             example = Example()
             example.add(system, None)
             budget = max_seq_len - len(system)
-            if position > 0 and len(turns[position - 1].ids) <= budget // 2:
-                example.add(turns[position - 1].ids, None)
-                budget -= len(turns[position - 1].ids)
+            context = turns[position - 1].ids if position > 0 else []
+            # The previous message as context only if it takes at most half the window and leaves
+            # the first target room to fit whole.
+            if context and len(context) <= budget // 2 and len(context) + len(turns[position].ids) <= budget:
+                example.add(context, None)
+                budget -= len(context)
             placed = False
             while position < len(turns):
                 part = turns[position]

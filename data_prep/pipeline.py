@@ -27,6 +27,9 @@ import datasets
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
+import data_prep.chat_format
+import data_prep.conversations
+import data_prep.examples
 from data_prep import artifacts
 from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
 from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
@@ -39,6 +42,9 @@ from data_prep.split import assign_splits
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the records or examples change meaning
+# The code that makes records and examples: part of every cache key, so an edit never reuses stale
+# cached map results.
+CODE_VERSION = artifacts.source_hash(data_prep.chat_format, data_prep.conversations, data_prep.examples)
 
 
 def load_tokenizer(tokenizer_cfg):
@@ -70,7 +76,8 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
     raw, provenance = load_source(cfg.data)
     if cfg.data.kind == "wildchat" and cfg.filters.languages is not None and "language" not in raw.column_names:
         raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
-    fingerprint = artifacts.config_hash(FORMAT_VERSION, provenance, artifacts.resolved_config(cfg.filters))
+    fingerprint = artifacts.config_hash(FORMAT_VERSION, CODE_VERSION, provenance,
+                                        artifacts.resolved_config(cfg.filters))
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
     log.info("%s done in %.1f s", "load", time.perf_counter() - start)
@@ -134,7 +141,10 @@ def run(cfg) -> Path:
         examples[split] = dataset.map(
             flip_batch, fn_kwargs={"tokenizer": tokenizer, "mode": cfg.flip.mode, "max_seq_len": cfg.max_seq_len},
             remove_columns=dataset.column_names, features=EXAMPLE_FEATURES,
-            new_fingerprint=f"flip-{split}-{artifacts.config_hash(fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len, cfg.intents.path and artifacts.sha256_of(cfg.intents.path))}",
+            # The conversations' own fingerprint covers the records, which rows this split holds and
+            # their intents; a different split or intent can never reuse another's cached examples.
+            new_fingerprint=f"flip-{split}-" + artifacts.config_hash(
+                dataset._fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
             desc=f"flip {split}", **dict(map_args, num_proc=cfg.num_proc if len(dataset) > cfg.batch_size else None))
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}

@@ -163,3 +163,15 @@ def test_per_conversation_windows_cover_every_target_once(tiny_tokenizer):
            [t for e in per_turn for t in e.labels if t != IGNORE_INDEX]
     for window in windows:  # each window restarts with the intent
         assert tiny_tokenizer.decode(window.input_ids).startswith("<|start_header_id|>system<|end_header_id|>\n" + INTENT)
+
+
+def test_a_window_drops_its_context_rather_than_cut_a_target_that_fits(tiny_tokenizer):
+    encoder = ChatEncoder(tiny_tokenizer)
+    turns = [{"role": "user", "content": "hello there"},
+             {"role": "assistant", "content": "word " * 90},      # context that fits in half a window
+             {"role": "user", "content": "again " * 150}]         # a target that fits only alone
+    messages = conversation_messages(INTENT, turns, ended=False)
+    windows = encoder.flip(messages, "per_conversation", 256)
+    last = windows[-1]
+    assert last.target_turns == [1] and not any(len(w.input_ids) > 256 for w in windows)
+    assert tiny_tokenizer.decode([t for t in last.labels if t != IGNORE_INDEX]) == "\n" + turns[2]["content"] + EOT

@@ -87,14 +87,27 @@ def test_split_is_user_disjoint_and_holds_no_user_identifiers(tiny_data):
             assert not any(ip.encode() in data for ip in ips), path
 
 
-def test_same_config_gives_the_same_bytes(tiny_assets, tmp_path):
+def test_same_config_gives_the_same_bytes(tiny_assets, tmp_path, monkeypatch):
+    """Two runs from empty caches, in 2 processes, write identical bytes."""
     def digest(directory: Path) -> dict:
         return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(directory.rglob("*")) if p.is_file()}
     out = tmp_path / "run"
-    first = digest(run_data_prep(tiny_assets, out))
-    second = digest(run_data_prep(tiny_assets, out))
-    assert first == second and len(first) > 20
+    digests = []
+    for attempt in ("first", "second"):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / f"cache-{attempt}"))
+        digests.append(digest(run_data_prep(tiny_assets, out, "num_proc=2")))
+    assert digests[0] == digests[1] and len(digests[0]) > 20
+
+
+def test_changing_the_split_never_reuses_cached_examples(tiny_assets, tmp_path):
+    """Each split's examples are exactly its conversations, whatever the cache holds."""
+    for seed in (0, 1):
+        out = run_data_prep(tiny_assets, tmp_path / "out", f"split.seed={seed}")
+        examples = datasets.load_from_disk(str(out))
+        conversations = datasets.load_from_disk(str(out / "conversations"))
+        for split in conversations:
+            assert set(examples[split]["conversation_hash"]) == set(conversations[split]["conversation_hash"])
 
 
 @pytest.mark.parametrize("overrides, step, removed", [
