@@ -18,7 +18,7 @@ $py -m data_prep experiment=paper dataset=prism intents.backend=openai intents.p
 
 # 2. Fine-tune Llama-3-8B base: full parameters, ZeRO-3, seq 2048, batch 1024, lr 2e-5
 #    (~1,023 steps per epoch; the paper: 227 hours on 4 x RTX A6000).
-accelerate launch --config_file conf/accelerate/8gpu.yaml train/run.py experiment=paper
+.venv/bin/accelerate launch --config_file conf/accelerate/8gpu.yaml train/run.py experiment=paper
 
 # 3. Perplexity table: our model, the released UserLM-8b, and the paper's baselines.
 $py -m evaluate.perplexity -m experiment=paper model=outputs/paper/train/model name=ours-8b \
@@ -27,4 +27,11 @@ $py -m evaluate.perplexity -m experiment=paper model=microsoft/UserLM-8b dataset
 $py -m evaluate.perplexity -m experiment=paper model=meta-llama/Meta-Llama-3-8B dataset=wildchat,prism intent=none,task
 $py -m evaluate.perplexity -m experiment=paper model=meta-llama/Meta-Llama-3-8B-Instruct protocol=flipped_chat \
     dataset=wildchat,prism intent=none,task
+
+# 4. Simulation with the paper's guardrails (UserLM-8b vs GPT-4o on 2,000 test intents), the six
+#    intrinsic metrics (GPT-4o judges; PRISM for termination), and both tables beside the paper's.
+$py -m evaluate.simulate experiment=paper
+$py -m evaluate.intrinsic experiment=paper simulation=outputs/paper/simulate/microsoft--UserLM-8b
+$py -m evaluate.simulate experiment=paper user_model.name_or_path=outputs/paper/train/model
+$py -m evaluate.intrinsic experiment=paper simulation=outputs/paper/simulate/outputs--paper--train--model
 $py -m evaluate.table experiment=paper
