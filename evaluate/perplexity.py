@@ -18,6 +18,7 @@ and of the end-of-conversation target; system, headers and assistant turns are c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,6 +78,30 @@ def data_fingerprint(data_dir: Path) -> dict:
             "input": manifest["input"], "intents_sha256": manifest["intents"]["sha256"]}
 
 
+def model_fingerprint(model) -> str:
+    """What determines the model's scores: its hub commit, or for a local directory its files.
+
+    Weight files are hashed by size and their first and last 16 MiB (a full hash of 16 GB of
+    safetensors would cost a minute per run); small files (config, tokenizer) in full.
+    """
+    if getattr(model.config, "_commit_hash", None):
+        return model.config._commit_hash
+    digest = hashlib.sha256()
+    for path in sorted(Path(model.config.name_or_path).iterdir()):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\x1f{size}\x1f".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * 16 * 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(16 * 2**20))
+                f.seek(-16 * 2**20, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def score_chunk(cfg, protocol, model, rows: list[dict], first: int) -> dict:
     """Flip conversations rows (numbered from `first`) into examples and score every target token."""
     examples, owner = [], []
@@ -118,11 +143,6 @@ def run(cfg) -> Path:
     out_path = Path(cfg.output_dir) / name / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
     del config["overwrite"]  # what to do with an existing result, not how to compute one
-    if out_path.exists() and not cfg.overwrite:
-        if json.loads(out_path.read_text())["config"] == config:
-            print(f"{out_path} exists with this config: nothing to do")
-            return out_path
-        raise FileExistsError(f"{out_path} holds a result of another config: set overwrite=true or name=...")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -146,11 +166,19 @@ def run(cfg) -> Path:
                              template_kwargs=cfg.flipped_chat.template_kwargs)
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype} on {device}; "
           f"protocol {cfg.protocol}, <|endconversation|> {end_handling}")
+    # A result is reused only for the same config, model weights and data.
+    fingerprint = {**data_fingerprint(data_dir), "model": model_fingerprint(model)}
+    if out_path.exists() and not cfg.overwrite:
+        previous = json.loads(out_path.read_text())
+        if previous["config"] == config and previous["fingerprints"] == fingerprint:
+            print(f"{out_path} exists with this config, model and data: nothing to do")
+            return out_path
+        raise FileExistsError(f"{out_path} holds a result of another config, model or data: "
+                              "set overwrite=true or name=...")
 
     # ---- flip + score, a chunk of conversations at a time --------------------------------------
     # Chunks bound the memory of the token lists (the paper's per_turn set is 137k examples) and are
     # the unit of resumption: each scored chunk is saved in `partial` until the result is written.
-    fingerprint = data_fingerprint(data_dir)
     partial = out_path.parent / f".{out_path.stem}.partial-{artifacts.config_hash(config, fingerprint)}"
     partial.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=len(rows), desc="score", unit="conversation")
@@ -181,7 +209,8 @@ def run(cfg) -> Path:
                       "ended_conversations": sum(row["ended"] for row in rows)},
         **report,
         "counts": {"conversations": len(rows), **counts},
-        "data": {"dir": str(data_dir), **fingerprint},
+        "data": {"dir": str(data_dir), **data_fingerprint(data_dir)},
+        "fingerprints": fingerprint,
         "config": config,
         "packages": artifacts.package_versions(),
     }

@@ -171,3 +171,15 @@ def test_a_stopped_run_resumes_from_its_saved_chunks(tmp_path, tiny_userlm_model
     fresh = score(tmp_path, tiny_userlm_model, data, tiny_prism, "chunk_conversations=5", "name=fresh")
     assert resumed["nll_sum"] == pytest.approx(fresh["nll_sum"] + 1.0, rel=1e-12)
     assert resumed["counts"] == fresh["counts"] and not partial.exists()
+
+
+def test_a_retrained_model_is_never_reported_with_old_numbers(tmp_path, tiny_userlm_model, tiny_data, tiny_prism):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_userlm_model, model_dir)
+    run(perplexity_config(tmp_path, model_dir, tiny_data, tiny_prism, "name=m", "limit=3"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)  # "retrained": same config, other weights
+    model.save_pretrained(model_dir)
+    with pytest.raises(FileExistsError, match="another config, model or data"):
+        run(perplexity_config(tmp_path, model_dir, tiny_data, tiny_prism, "name=m", "limit=3"))
