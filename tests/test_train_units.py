@@ -164,3 +164,19 @@ def test_deepspeed_json_autos_are_filled_from_our_config(tmp_path):
     fixed.write_text('{"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match='gradient_accumulation_steps=4 disagrees'):
         deepspeed_config(fixed, arithmetic, 1.0, bf16=False)
+
+
+def test_training_fingerprint_follows_data_and_recipe_not_bookkeeping(tmp_path):
+    """A finished or checkpointed run is reused only for the same data and training recipe."""
+    from train.run import training_fingerprint
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "manifest.json").write_text('{"a": 1}')
+    base = ["experiment=tiny", f"data.path={data_dir}"]
+    reference = training_fingerprint(compose_config("train", base), data_dir)
+    assert training_fingerprint(compose_config("train", base + ["train.eval_every=3", "train.resume=null"]),
+                                data_dir) == reference
+    assert training_fingerprint(compose_config("train", base + ["optimizer.lr=1e-4"]), data_dir) != reference
+    assert training_fingerprint(compose_config("train", base + ["train.epochs=9"]), data_dir) != reference
+    (data_dir / "manifest.json").write_text('{"a": 2}')  # data_prep rewrote the data
+    assert training_fingerprint(compose_config("train", base), data_dir) != reference

@@ -65,7 +65,9 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 def run(cfg) -> Path:
     # ---- setup: batch arithmetic, DeepSpeed config, accelerator ------------------------------------
     output_dir, data_dir = Path(cfg.output_dir), Path(cfg.data.path)
-    if cfg.train.resume == "auto" and artifacts.is_complete(output_dir / "model") and same_training(cfg, output_dir):
+    fingerprint = training_fingerprint(cfg, data_dir)
+    if cfg.train.resume == "auto" and artifacts.is_complete(output_dir / "model") and \
+            json.loads((output_dir / "run_info.json").read_text()).get("training_fingerprint") == fingerprint:
         log.info("%s already holds the model this config trains: nothing to do", output_dir / "model")
         return output_dir / "model"
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
@@ -145,9 +147,10 @@ def run(cfg) -> Path:
     start_step = 0
     if resume_from is not None:
         state = json.loads((resume_from / "train_state.json").read_text())
-        if state["plan_fingerprint"] != plan.fingerprint():
-            raise ValueError(f"{resume_from} was written with other data or batch settings "
-                             f"(plan {state['plan_fingerprint']} != {plan.fingerprint()}): cannot resume onto it")
+        if state["plan_fingerprint"] != plan.fingerprint() or state["training_fingerprint"] != fingerprint:
+            raise ValueError(f"{resume_from} was written with other data or training settings "
+                             f"(plan {state['plan_fingerprint']} != {plan.fingerprint()} or training "
+                             f"{state['training_fingerprint']} != {fingerprint}): cannot resume onto it")
         load_checkpoint(accelerator, resume_from)
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
@@ -157,7 +160,8 @@ def run(cfg) -> Path:
         artifacts.write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         artifacts.write_json(output_dir / "run_info.json", {
             "setup": setup, "deepspeed_config": ds_config, "train_plan": epoch, "total_steps": total_steps,
-            "plan_fingerprint": plan.fingerprint(), "resumed_from": str(resume_from) if resume_from else None,
+            "plan_fingerprint": plan.fingerprint(), "training_fingerprint": fingerprint,
+            "resumed_from": str(resume_from) if resume_from else None,
             "data_manifest": str(data_dir / "manifest.json"), "packages": artifacts.package_versions()})
     metrics = MetricsLog(output_dir, start_step, cfg.wandb, config, enabled=main)
 
@@ -220,7 +224,8 @@ def run(cfg) -> Path:
         if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
             last_eval = evaluate(step + 1)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, output_dir, step + 1, {"step": step + 1, "plan_fingerprint": plan.fingerprint()},
+            save_checkpoint(accelerator, output_dir, step + 1, {"step": step + 1, "plan_fingerprint": plan.fingerprint(),
+                                                                "training_fingerprint": fingerprint},
                             cfg.train.save_total_limit)
 
     # ---- save: complete HF weights, tokenizer, generation config, model card ----------------------
@@ -239,13 +244,16 @@ def run(cfg) -> Path:
     return output_dir / "model"
 
 
-def same_training(cfg, output_dir: Path) -> bool:
-    """Whether output_dir's config.yaml describes this very training (train.resume aside)."""
-    def without_resume(config: dict) -> dict:
-        return {**config, "train": {k: v for k, v in config["train"].items() if k != "resume"}}
-    saved = output_dir / "config.yaml"
-    return saved.exists() and without_resume(OmegaConf.to_container(OmegaConf.load(saved))) == \
-        without_resume(artifacts.resolved_config(cfg))
+def training_fingerprint(cfg, data_dir: Path) -> str:
+    """What determines the trained weights: the data (data_prep's manifest) and the recipe (the
+    resolved config less its bookkeeping: where it is written, resuming, evaluation and checkpoint
+    cadence, wandb)."""
+    config = artifacts.resolved_config(cfg)
+    del config["output_dir"]
+    for key in ("resume", "eval_every", "save_every", "save_total_limit"):
+        del config["train"][key]
+    del config["wandb"]
+    return artifacts.config_hash(config, artifacts.sha256_of(data_dir / "manifest.json"))
 
 
 @hydra.main(version_base="1.3", config_path="../conf/train", config_name="config")
