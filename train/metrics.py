@@ -56,7 +56,9 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            # Keep what the checkpoint's steps logged; a fresh start (step 0) logs everything anew.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if resume_step and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if wandb_cfg.mode != "disabled":
             import wandb
