@@ -11,8 +11,9 @@ words; 57% English; a few percent exact duplicates), an intent for each, then ru
 whole process tree. The limit it is compared with is the raw batched throughput of the same
 tokenizer on the same text (all cores). Figures go to stdout and --json.
 Goals (2 cores, full N): <= 10 minutes, <= 6 GiB peak, end-to-end tokens/s >= 50% of raw. Peak
-memory is reported twice: RSS of the process tree (which includes touched pages of memory-mapped
-Arrow files, shared page cache) and its anonymous part (what the run itself allocates).
+memory is reported twice: the sum of RSS over the process tree (which counts pages shared by the
+forked workers, and touched pages of memory-mapped Arrow files, several times) and the sum of PSS
+(each shared page divided among its sharers: the memory actually in use).
 """
 
 from __future__ import annotations
@@ -105,21 +106,22 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
                f"intents.path={intents}", f"tokenizer.name_or_path={tokenizer_dir}", f"output_dir={output_dir}",
                "max_seq_len=2048", f"num_proc={num_proc}", "batch_size=1000", "filters.write_dropped=true"]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(output_dir.parent / "hf_cache"))
-    peak = peak_anonymous = 0
+    peak = peak_pss = 0
     done = threading.Event()
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env)
 
     def sample():
-        # RSS counts the pages of memory-mapped Arrow files that the processes touch (page cache, shared
-        # and reclaimable); the anonymous part is the memory the run really needs.
-        nonlocal peak, peak_anonymous
+        # RSS counts every page a process maps, so the pages that forked workers share with the main
+        # process, and the touched pages of memory-mapped Arrow files, are counted several times. PSS
+        # splits each shared page among its sharers: its sum over the tree is the memory in use.
+        nonlocal peak, peak_pss
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
                 peak = max(peak, sum(p.memory_info().rss for p in tree))
-                peak_anonymous = max(peak_anonymous, sum(_anonymous_rss(p.pid) for p in tree))
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
             except (psutil.Error, OSError):
                 pass
             time.sleep(0.2)
@@ -132,16 +134,7 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
     if returncode:
         raise SystemExit(f"data_prep failed with exit code {returncode}")
     return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak / 2**30,
-            "peak_anonymous_rss_gib": peak_anonymous / 2**30}
-
-
-def _anonymous_rss(pid: int) -> int:
-    """RssAnon of a process (Linux), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            "peak_pss_gib": peak_pss / 2**30}
 
 
 def main() -> None:
@@ -186,7 +179,7 @@ def main() -> None:
         "end_to_end_vs_raw": round(input_tokens / prep["seconds"] / raw["tokens_per_s"], 3),
         "example_tokens_written": examples_tokens,
         "peak_rss_gib": round(prep["peak_rss_gib"], 2),
-        "peak_anonymous_rss_gib": round(prep["peak_anonymous_rss_gib"], 2),
+        "peak_pss_gib": round(prep["peak_pss_gib"], 2),
         "funnel": manifest["counts"],
         "goals": {"seconds": 600, "peak_rss_gib": 6, "end_to_end_vs_raw": 0.5},
     }
@@ -194,7 +187,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for key in ("rows", "data_prep_seconds", "conversations_per_s", "end_to_end_input_tokens_per_s",
                 "raw_tokenizer_tokens_per_s", "end_to_end_vs_raw", "example_tokens_written", "peak_rss_gib",
-                "peak_anonymous_rss_gib"):
+                "peak_pss_gib"):
         print(f"{key:>32}: {result[key]:,}" if not isinstance(result[key], float) else f"{key:>32}: {result[key]}")
     print(f"wrote {args.json}")
 

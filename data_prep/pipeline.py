@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,6 +46,13 @@ FORMAT_VERSION = 1  # bump when the records or examples change meaning
 # The code that makes records and examples: part of every cache key, so an edit never reuses stale
 # cached map results.
 CODE_VERSION = artifacts.source_hash(data_prep.chat_format, data_prep.conversations, data_prep.examples)
+
+
+def log_stage(stage: str, start: float) -> None:
+    """Log a finished stage: seconds since the run started and this process's peak memory so far."""
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    log.info("%s done at %.1f s (peak memory of the main process so far: %.2f GiB)", stage,
+             time.perf_counter() - start, peak_gib)
 
 
 def load_tokenizer(tokenizer_cfg):
@@ -80,19 +88,19 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
                                         artifacts.resolved_config(cfg.filters))
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
-    log.info("%s done in %.1f s", "load", time.perf_counter() - start)
+    log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
     records = raw.map(RECORD_FUNCTIONS[cfg.data.kind], fn_kwargs={"filters_cfg": cfg.filters},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 
-    log.info("%s done in %.1f s", "normalise", time.perf_counter() - start)
+    log_stage("normalise", start)
     # ---- filter: every row lands in exactly one funnel bucket ----------------------------------
     funnel = Funnel(input=len(records))
     kept, dropped = apply_filters(records, cfg.filters, funnel)
     events = Counter(e for row in records.select(kept).select_columns(["events"])["events"] for e in row)
 
-    log.info("%s done in %.1f s", "filter", time.perf_counter() - start)
+    log_stage("filter", start)
     # ---- split by user -----------------------------------------------------------------------
     split_rows, anonymous = assign_splits(records, kept, cfg.split)
     if cfg.split.missing_user == "drop":
@@ -102,7 +110,7 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
-    log.info("%s done in %.1f s", "split", time.perf_counter() - start)
+    log_stage("split", start)
     return Selection(records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args)
 
 
@@ -132,7 +140,7 @@ def run(cfg) -> Path:
     funnel.events = dict(sorted(events.items()))
     funnel.check()
 
-    log.info("%s done in %.1f s", "intents", time.perf_counter() - start)
+    log_stage("intents", start)
     # ---- flip + tokenize ---------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer)
     tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), CHAT_TEMPLATE)
@@ -149,7 +157,7 @@ def run(cfg) -> Path:
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}
 
-    log.info("%s done in %.1f s", "flip + tokenize", time.perf_counter() - start)
+    log_stage("flip + tokenize", start)
     # ---- save --------------------------------------------------------------------------------
     with artifacts.atomic_directory(output_dir) as tmp:
         # An empty split is not saved (datasets cannot load one back); funnel.json still counts it.
