@@ -235,3 +235,10 @@ def claim_directory(directory: Path, stage: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         write_text(directory / STAGE_FILE, stage + "\n")
     return directory
+
+
+@contextmanager
+def owned_directory(directory: Path, stage: str):
+    """`output_lock` + `claim_directory`: for the block, `directory` is this run's to build in place."""
+    with output_lock(directory, stage):
+        yield claim_directory(directory, stage)

@@ -150,3 +150,36 @@ def test_data_prep_cli_refuses_with_a_clear_message(tiny_assets, tmp_path):
     assert result.returncode != 0
     assert f"{keep} is not empty" in result.stderr
     assert (keep / "thesis.txt").read_text() == "thesis"
+
+
+@pytest.mark.parametrize("stage,module,directory", [
+    ("perplexity", "evaluate.perplexity", "results/m"),
+    ("simulate", "evaluate.simulate", "results"),
+    ("intrinsic", "evaluate.intrinsic", "results/sim"),
+    ("table", "evaluate.table", "results"),
+])
+def test_evaluation_stages_never_write_among_a_users_files(tmp_path, stage, module, directory):
+    """Each refuses before any work; a locked directory is refused the same way."""
+    import importlib
+
+    from conftest import compose_config
+    results = tmp_path / "results"
+    overrides = {"perplexity": ["experiment=tiny", "model=m", "name=m"], "simulate": ["experiment=tiny"],
+                 "intrinsic": ["experiment=tiny", f"simulation={tmp_path / 'sim'}", "name=null"],
+                 "table": ["experiment=tiny"]}
+    stage_module = importlib.import_module(module)  # registers the stage's config schema
+    cfg = compose_config(stage, overrides[stage] + [f"output_dir={results}"])
+    target = tmp_path / directory
+    target.mkdir(parents=True)
+    (target / "manifest.json").write_text("mine")
+    with pytest.raises(FileExistsError, match="no stage of this pipeline wrote"):
+        stage_module.run(cfg)
+    assert (target / "manifest.json").read_text() == "mine"
+    (target / "manifest.json").unlink()
+    holder = _hold_lock(target)
+    try:
+        with pytest.raises(artifacts.OutputLocked, match=f"pid {holder.pid}"):
+            stage_module.run(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
