@@ -43,6 +43,7 @@ def find_control_string(text: str) -> str | None:
     otherwise become real header tokens in the system message)."""
     return next((s for s in CONTROL_STRINGS if s in text), None)
 
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '" + START_HEADER + "' + message['role'] + '" + END_HEADER + "\\n' + message['content'] + '"
