@@ -36,6 +36,14 @@ ROLES = (SYSTEM, USER, ASSISTANT)
 CONTROL_STRINGS = (START_HEADER, END_HEADER, EOT, END_CONVERSATION, BEGIN_OF_TEXT, END_OF_TEXT)
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
+
+def find_control_string(text: str) -> str | None:
+    """The first of CONTROL_STRINGS that `text` holds, or None: the one check for every message
+    content, turns and intents alike (an intent holding <|eot_id|><|start_header_id|>... would
+    otherwise become real header tokens in the system message)."""
+    return next((s for s in CONTROL_STRINGS if s in text), None)
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '" + START_HEADER + "' + message['role'] + '" + END_HEADER + "\\n' + message['content'] + '"
@@ -138,6 +146,11 @@ class ChatEncoder:
         self.header_ids = {role: self._encode(START_HEADER + role + END_HEADER) for role in ROLES}
         self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
 
+    def system_fits(self, system_tokens: int, max_seq_len: int) -> bool:
+        """Whether a system message of `system_tokens` tokens (header included) leaves room in
+        max_seq_len for at least one user turn: its header, a newline and <|eot_id|>, twice."""
+        return system_tokens + 2 * (len(self.header_ids[USER]) + 1) <= max_seq_len
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -183,7 +196,7 @@ class ChatEncoder:
         has_system = bool(messages) and messages[0]["role"] == SYSTEM
         system = parts[0].ids if has_system else []
         turns = parts[1:] if has_system else parts
-        if len(system) + 2 * (len(self.header_ids[USER]) + 1) > max_seq_len:
+        if not self.system_fits(len(system), max_seq_len):
             raise ValueError(f"the system message ({len(system)} tokens) leaves no room in "
                              f"max_seq_len={max_seq_len}")
         if mode == "per_turn":

@@ -3,21 +3,57 @@
 A record is {conversation_hash, turns: [{role, content}], ended, language, malformed, exact_key,
 near_key, toxic, redacted, num_user_turns, num_chars, user_key, country, events}. `malformed` is
 "" or the reason the row cannot be used ("malformed:<what>"); `events` lists counted, non-fatal
-decisions (a trimmed turn, a PRISM tie). user_key is a one-way hash used only to split by user;
-it never reaches the saved outputs.
+decisions (a trimmed turn, a PRISM tie, characters removed). user_key is a one-way hash used only
+to split by user; it never reaches the saved outputs.
+
+Characters that are not text are removed from every turn before anything else looks at it:
+control characters (Unicode category Cc: NUL, ESC, DEL, the C1 range; tab, newline and carriage
+return stay), and ANSI escape sequences whole (ESC [ ... : colours and cursor moves pasted from a
+terminal). A user never meant to write them and a user LM should not learn to emit them (event
+`control_characters_removed`, one per conversation). Invisible format characters (category Cf:
+zero-width space U+200B, bidirectional overrides such as U+202E, the zero-width joiner of emoji
+sequences and of Persian script) are part of real text and are kept, but counted (event
+`format_characters`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
+import unicodedata
 from collections import defaultdict
 
 import datasets
 
-from data_prep.chat_format import ASSISTANT, CONTROL_STRINGS, USER
+from data_prep.chat_format import ASSISTANT, USER, find_control_string
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")   # Cc but \t \n \r
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")                           # CSI: ESC [ params final
+
+
+@functools.cache
+def _format_character() -> re.Pattern:
+    """Any character of Unicode category Cf (built on first use: Python's re has no \\p{Cf})."""
+    return re.compile("[" + "".join(re.escape(chr(c)) for c in range(sys.maxunicode + 1)
+                                    if unicodedata.category(chr(c)) == "Cf") + "]")
+
+
+def remove_control_characters(turns: list[dict]) -> tuple[list[dict], list[str]]:
+    """The turns with control characters removed (see the module docstring), and the events."""
+    removed = has_format = False
+    cleaned = []
+    for turn in turns:
+        content = turn["content"]
+        if content is not None:
+            if _CONTROL_CHARACTER.search(content):  # ESC is one, so this finds ANSI sequences too
+                content = _CONTROL_CHARACTER.sub("", _ANSI_ESCAPE.sub("", content))
+                removed = True
+            has_format = has_format or _format_character().search(content) is not None
+        cleaned.append({"role": turn["role"], "content": content})
+    return cleaned, ["control_characters_removed"] * removed + ["format_characters"] * has_format
 
 
 def exact_key(turns: list[dict]) -> str:
@@ -53,7 +89,7 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
             return "malformed:roles_out_of_order", turns, False, events
         if turn["role"] == USER and not turn["content"].strip():
             return "malformed:empty_user_turn", turns, False, events
-        if any(s in turn["content"] for s in CONTROL_STRINGS):
+        if find_control_string(turn["content"]):
             return "malformed:control_token_in_text", turns, False, events
     ended = turns[-1]["role"] == ASSISTANT
     if not ended:
@@ -75,6 +111,7 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
 
 def _record(conversation_hash, turns, language, toxic, redacted, hashed_ip, country, filters_cfg,
             extra_events=()) -> dict:
+    turns, removal_events = remove_control_characters(turns)
     malformed, turns, ended, events = check_turns(turns, filters_cfg.unanswered_last_turn)
     ok = not malformed
     return {
@@ -91,7 +128,7 @@ def _record(conversation_hash, turns, language, toxic, redacted, hashed_ip, coun
         "num_chars": sum(len(t["content"] or "") for t in turns),
         "user_key": user_key(hashed_ip, country),
         "country": country or "",
-        "events": list(extra_events) + events,
+        "events": list(extra_events) + removal_events + events,
     }
 
 

@@ -2,6 +2,11 @@
 
 Each batch's message bodies are tokenized in one batched call (each message once); the examples
 are assembled from those token lists by chat_format.ChatEncoder, never by re-tokenizing prefixes.
+
+Before flipping, `unusable_intents` finds the conversations whose intent cannot be a system
+message: its text fails data_prep.intents.checks.intent_problem (funnel step `bad_intent`), or it
+alone leaves no room for a user turn in max_seq_len (step `intent_too_long`). data_prep drops and
+counts those conversations, so flipping never meets one.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from collections import defaultdict
 
 import datasets
 
-from data_prep.chat_format import IGNORE_INDEX, ChatEncoder, conversation_messages
+from data_prep.chat_format import IGNORE_INDEX, SYSTEM, ChatEncoder, conversation_messages
+from data_prep.intents.checks import intent_problem
+
+INTENT_TOKENIZE_BATCH = 10_000  # intents tokenized per call when measuring them
 
 TURN = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 CONVERSATION_FEATURES = datasets.Features({
@@ -31,6 +39,21 @@ EXAMPLE_FEATURES = datasets.Features({
     "target_turns": datasets.List(datasets.Value("int32")),
     "truncated": datasets.Value("bool"),
 })
+
+
+def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> dict[str, tuple[str, str]]:
+    """conversation_hash -> (funnel step, reason) for each of `intents` that cannot be used."""
+    unusable = {h: ("bad_intent", f"bad_intent:{problem}")
+                for h, problem in ((h, intent_problem(intent)) for h, intent in intents.items()) if problem}
+    encoder = ChatEncoder(tokenizer)
+    header = len(encoder.header_ids[SYSTEM])
+    rest = [h for h in intents if h not in unusable]
+    for start in range(0, len(rest), INTENT_TOKENIZE_BATCH):
+        hashes = rest[start:start + INTENT_TOKENIZE_BATCH]
+        for h, body in zip(hashes, encoder.encode_bodies([intents[h] for h in hashes])):
+            if not encoder.system_fits(header + len(body), max_seq_len):
+                unusable[h] = ("intent_too_long", "intent_too_long")
+    return unusable
 
 
 def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:

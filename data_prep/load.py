@@ -2,14 +2,30 @@
 
 Everything goes through `datasets`, which converts the input once to memory-mapped Arrow files in
 its cache: nothing is read whole into memory, and later runs reuse the conversion.
+
+Local input is checked before `datasets` sees it, and every error names the file (and the line,
+where there is one):
+- a folder holds parquet shards or JSON Lines files (.jsonl, .json), never both (an error: one
+  kind would otherwise go unread);
+- a parquet file that cannot be read (0 bytes, truncated, corrupt) is an error; all shards must
+  carry the same optional columns (a shard lacking one that another has is an error, since its
+  rows cannot be filtered or split like the others);
+- JSON Lines must be UTF-8 (a byte that is not is an error naming file and line) and each line
+  one JSON object; a row may omit an optional key (read as null, as JSON has no schema);
+- a file with no rows (a 0-row parquet shard, an empty JSON Lines file) is valid: it adds 0 rows
+  and is listed under `empty_files` in the provenance. Input with no rows at all is an error;
+- `data.limit` is a positive number of rows, or null for all.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import schemas
@@ -18,6 +34,8 @@ from data_prep.artifacts import sha256_of
 log = logging.getLogger(__name__)
 PARQUET_COLUMNS = {"wildchat": schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL}
 CHECKS = {"wildchat": schemas.check_wildchat, "prism": schemas.check_prism}
+JSON_SUFFIXES = (".jsonl", ".json")
+READ_CHUNK_BYTES = 16 * 2**20
 
 
 def local_files(source: str) -> list[Path] | None:
@@ -26,14 +44,119 @@ def local_files(source: str) -> list[Path] | None:
     if path.is_file():
         return [path]
     if path.is_dir():
-        # A folder of shards: its parquet files if it has any, else its JSON Lines files.
-        files = sorted(path.rglob("*.parquet")) or sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json"))
-        if not files:
+        parquet = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        jsonl = sorted(p for p in path.rglob("*") if p.suffix in JSON_SUFFIXES and p.is_file())
+        if parquet and jsonl:
+            raise ValueError(f"{source}: this folder holds both parquet ({len(parquet)} files, e.g. "
+                             f"{parquet[0].name}) and JSON Lines ({len(jsonl)} files, e.g. {jsonl[0].name}) "
+                             "shards: keep one kind per folder, or point data.source at one file")
+        if not (parquet or jsonl):
             raise FileNotFoundError(f"{source}: no .parquet or .jsonl files in this folder")
-        return files
-    if source.startswith((".", "/")) or source.endswith((".parquet", ".jsonl", ".json")):
+        return parquet or jsonl
+    if source.startswith((".", "/")) or source.endswith((".parquet", *JSON_SUFFIXES)):
         raise FileNotFoundError(f"{source}: no such file or folder")
     return None
+
+
+def check_parquet_files(files: list[Path], kind: str, check) -> tuple[list[Path], list[str]]:
+    """Check every parquet file's footer and schema; return the files with rows and the columns to read."""
+    columns_of, rows_of = {}, {}
+    for f in files:
+        try:
+            parquet = pq.ParquetFile(f)
+            schema, rows_of[f] = parquet.schema_arrow, parquet.metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{f}: not a readable parquet file ({e})") from None
+        check(schema, str(f))
+        wanted = PARQUET_COLUMNS.get(kind, schema.names)
+        columns_of[f] = [c for c in wanted if c in schema.names]
+    first = files[0]
+    for f in files[1:]:
+        if set(columns_of[f]) != set(columns_of[first]):
+            extra, lacking = set(columns_of[f]) - set(columns_of[first]), set(columns_of[first]) - set(columns_of[f])
+            raise ValueError(f"{f}: every shard must carry the same columns, and this one"
+                             + (f" lacks {sorted(lacking)} that {first} has" if lacking else "")
+                             + (" and" if lacking and extra else "")
+                             + (f" has {sorted(extra)} that {first} lacks" if extra else ""))
+    return [f for f in files if rows_of[f] > 0], columns_of[first]
+
+
+def check_utf8(path: Path) -> bool:
+    """Raise a ValueError naming the file and line of the first byte sequence that is not UTF-8.
+    Returns whether the file holds anything but whitespace."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, has_content = 1, False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(READ_CHUNK_BYTES)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # e.object: the bytes of this call (an incomplete character carried over, then the chunk).
+                bad_line = line + e.object[:e.start].count(b"\n")
+                raise ValueError(f"{path}:{bad_line}: not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason}); "
+                                 "convert the file to UTF-8") from None
+            if not chunk:
+                return has_content
+            line += chunk.count(b"\n")
+            has_content = has_content or bool(chunk.strip())
+
+
+def first_json_error(path: Path) -> str | None:
+    """"<file>:<line>: ..." for the first line of a JSON Lines file that is not JSON (a file that is
+    one JSON document, a list, is parsed whole), or None."""
+    with open(path, "rb") as f:
+        if f.read(READ_CHUNK_BYTES).lstrip().startswith(b"["):
+            f.seek(0)
+            try:
+                json.load(f)
+            except ValueError as e:
+                return f"{path}: not valid JSON ({e})"
+            return None
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{path}:{number}: not valid JSON ({e})"
+    return None
+
+
+def first_unreadable_parquet(files: list[Path], columns: list[str]) -> str | None:
+    """"<file>: ..." for the first parquet file whose data cannot be decoded, or None."""
+    for f in files:
+        try:
+            for _ in pq.ParquetFile(f).iter_batches(columns=columns):
+                pass
+        except (pa.ArrowException, OSError) as e:
+            return f"{f}: corrupt parquet data ({e})"
+    return None
+
+
+def load_local(files: list[Path], kind: str, check, source: str) -> tuple[datasets.Dataset, list[Path]]:
+    """Check, then load, local files; return the dataset and the files that held no rows."""
+    kwargs = {}
+    if files[0].suffix == ".parquet":
+        builder = "parquet"
+        with_rows, kwargs["columns"] = check_parquet_files(files, kind, check)
+    else:
+        builder = "json"
+        with_rows = [f for f in files if check_utf8(f)]
+    empty = [f for f in files if f not in with_rows]
+    for f in empty:
+        log.warning("%s: no rows (a valid, empty file): nothing read from it", f)
+    if not with_rows:
+        raise ValueError(f"{source}: no rows to read" + (f" in any of its {len(files)} files" if len(files) > 1 else ""))
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in with_rows], split="train", **kwargs)
+    except Exception as e:  # datasets names no file: find the one it could not read
+        culprit = (first_unreadable_parquet(with_rows, kwargs["columns"]) if builder == "parquet"
+                   else next(filter(None, map(first_json_error, with_rows)), None))
+        raise ValueError(culprit or f"{source}: datasets could not read these files ({e.__cause__ or e})") from e
+    if builder == "json":
+        check(dataset.data.schema, source)
+    return dataset, empty
 
 
 def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
@@ -41,21 +164,15 @@ def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
     kind = data_cfg.kind
     if kind not in CHECKS:
         raise ValueError(f"data.kind={kind!r}: expected one of {sorted(CHECKS)}")
+    if data_cfg.limit is not None and data_cfg.limit < 1:
+        raise ValueError(f"data.limit={data_cfg.limit}: give a positive number of rows, or null to read all")
     check = CHECKS[kind]
     files = local_files(data_cfg.source)
     if files is not None:
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        kwargs = {}
-        if builder == "parquet":
-            for f in files:
-                check(pq.read_schema(f), str(f))
-            present = pq.read_schema(files[0]).names
-            kwargs["columns"] = [c for c in PARQUET_COLUMNS.get(kind, present) if c in present]
-        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-        if builder == "json":
-            check(dataset.data.schema, str(data_cfg.source))
+        dataset, empty = load_local(files, kind, check, str(data_cfg.source))
         provenance = {"source": str(data_cfg.source),
-                      "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files]}
+                      "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files],
+                      "empty_files": [str(f) for f in empty]}
     else:
         kwargs = {"columns": list(PARQUET_COLUMNS[kind])} if kind in PARQUET_COLUMNS else {}
         dataset = datasets.load_dataset(data_cfg.source, data_cfg.hub_config, revision=data_cfg.revision,

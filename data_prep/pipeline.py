@@ -37,7 +37,7 @@ from data_prep import artifacts
 from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
 from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
-                                token_statistics)
+                                token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
 from data_prep.intents import get_intents
 from data_prep.load import load_source
@@ -134,26 +134,40 @@ def prepare(cfg) -> Path:
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
 
     # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
+    # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
+    # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
     intents = get_intents(cfg.intents, selection.kept())
-    conversations, missing = {}, Counter()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    hashes_of = {split: records.select(rows)["conversation_hash"] for split, rows in split_rows.items()}
+    unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
+                                tokenizer, cfg.max_seq_len)
+    reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
+    conversations = {}
     for split, rows in split_rows.items():
-        hashes = records.select(rows)["conversation_hash"]
-        with_intent = [(r, h) for r, h in zip(rows, hashes) if h in intents]
-        missing["missing_intent"] += len(rows) - len(with_intent)
-        dropped += [{"row": r, "conversation_hash": h, "step": "missing_intent", "reason": "missing_intent"}
-                    for r, h in zip(rows, hashes) if h not in intents]
-        selected = records.select([r for r, _ in with_intent]).select_columns(
-            [c for c in CONVERSATION_FEATURES if c != "intent"]).flatten_indices()
-        conversations[split] = selected.add_column("intent", [intents[h] for _, h in with_intent],
-                                                   feature=CONVERSATION_FEATURES["intent"])
-        funnel.kept[split] = len(with_intent)
-    funnel.remove("missing_intent", missing)
+        usable = []
+        for row, h in zip(rows, hashes_of[split]):
+            step, reason = ("missing_intent", "missing_intent") if h not in intents else unusable.get(h, ("", ""))
+            if step:
+                reasons[step][reason] += 1
+                dropped.append({"row": row, "conversation_hash": h, "step": step, "reason": reason})
+            else:
+                usable.append((row, h))
+        if usable:
+            selected = records.select([r for r, _ in usable]).select_columns(
+                [c for c in CONVERSATION_FEATURES if c != "intent"]).flatten_indices()
+            conversations[split] = selected.add_column("intent", [intents[h] for _, h in usable],
+                                                       feature=CONVERSATION_FEATURES["intent"])
+        else:  # add_column fails on an empty selection of a multi-file dataset (the output of num_proc > 1)
+            conversations[split] = datasets.Dataset.from_dict({c: [] for c in CONVERSATION_FEATURES},
+                                                              features=CONVERSATION_FEATURES)
+        funnel.kept[split] = len(usable)
+    for step, counts in reasons.items():
+        funnel.remove(step, counts)
     funnel.events = dict(sorted(events.items()))
     funnel.check()
 
     log_stage("intents", start)
     # ---- flip + tokenize ---------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.tokenizer)
     tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), CHAT_TEMPLATE)
     examples = {}
     for split, dataset in conversations.items():

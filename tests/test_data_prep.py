@@ -29,7 +29,7 @@ def test_funnel_accounts_for_every_conversation(tiny_data):
     assert sum(s["removed"] for s in funnel["steps"]) + funnel["kept_total"] == funnel["input"]
     steps = _removed(funnel)
     assert [s["step"] for s in funnel["steps"]] == ["malformed", "language", "exact_duplicate", "near_duplicate",
-                                                    "missing_intent"]
+                                                    "missing_intent", "bad_intent", "intent_too_long"]
     assert steps["malformed"]["reasons"] == {"malformed:control_token_in_text": 1, "malformed:empty_user_turn": 2,
                                              "malformed:roles_out_of_order": 2}
     assert steps["language"]["removed"] == 18            # the sample's Chinese, Russian, Spanish rows

@@ -2,14 +2,24 @@
 
 Cleaned: surrounding whitespace, quotes and backticks, a label ("Intent:", "Summary -") and a
 preamble line ending in a colon ("Here is the summary:"). Rejected, with the reason recorded:
-empty, multi_paragraph (more than one non-empty line), too_long (max_words / max_chars),
-missing_prefix (does not start with checks.require_prefix), truncated (cut by max_tokens).
+truncated (cut by max_tokens), any reason of `intent_problem`, too_long (max_words / max_chars),
+missing_prefix (does not start with checks.require_prefix). A rejected reply is counted in the
+report and asked again by the next run.
+
+`intent_problem` is the rule every intent must pass however it arrives, a generated reply or a
+line of a hand-written intents file (data_prep drops, and counts as `bad_intent`, a conversation
+whose intent fails it): not empty (`empty`), no control-token string such as <|eot_id|>
+(`control_token`: it would become real tokens in the system message), and one line
+(`multi_paragraph`: more than one non-empty line; an intent is one sentence, and a line break is
+never folded away, since what follows it may be an injected instruction).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Optional
+
+from data_prep.chat_format import find_control_string
 
 _LABEL = re.compile(r"^\s*(?:\*\*)?(?:task\s+)?(?:intent|summary|answer|output|response)(?:\*\*)?\s*[:\-–]\s*",
                     re.IGNORECASE)
@@ -28,15 +38,25 @@ def clean_reply(text: str) -> str:
     return text
 
 
+def intent_problem(intent: str) -> Optional[str]:
+    """None when `intent` (already stripped) may be a system message, else the reason it may not."""
+    if not intent:
+        return "empty"
+    if find_control_string(intent):
+        return "control_token"
+    if len([line for line in intent.splitlines() if line.strip()]) > 1:
+        return "multi_paragraph"
+    return None
+
+
 def check_reply(text: str, finish_reason: Optional[str], checks_cfg) -> tuple[Optional[str], Optional[str]]:
     """(intent, None) when the reply is acceptable, else (None, reason)."""
     if finish_reason == "length" and checks_cfg.reject_truncated:
         return None, "truncated"
     intent = clean_reply(text)
-    if not intent:
-        return None, "empty"
-    if len([line for line in intent.splitlines() if line.strip()]) > 1:
-        return None, "multi_paragraph"
+    problem = intent_problem(intent)
+    if problem:
+        return None, problem
     if len(intent) > checks_cfg.max_chars or len(intent.split()) > checks_cfg.max_words:
         return None, "too_long"
     prefix = checks_cfg.require_prefix
