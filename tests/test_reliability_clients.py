@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def test_a_dead_endpoint_stops_the_client_after_n_connection_failures(dead_url):
         run(client_config(dead_url, "intents.openai.max_connection_failures=5", "intents.openai.concurrency=2",
                           "intents.openai.max_retries=50"), messages(20))
     assert time.monotonic() - started < 10
-    assert dead_url in str(error.value) and "5 connection attempts in a row" in str(error.value)
+    # the count is at least 5 (the other request in flight may have failed once more meanwhile)
+    assert dead_url in str(error.value) and re.search(r"\b([5-9]|1\d) connection attempts in a row", str(error.value))
 
 
 def test_connection_failures_interrupted_by_replies_do_not_stop_the_client():
