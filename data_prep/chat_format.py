@@ -167,6 +167,31 @@ class ChatEncoder:
             ids += self.header_ids[message["role"]] + body
         return ids + self.header_ids[USER]
 
+    def prompt_ids_within(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
+        """(prompt_ids(messages) cut to at most max_tokens, whether anything was cut).
+
+        The rule of flip's per_turn history: the system message (the intent) stays, the oldest
+        whole messages go first; a newest message that does not fit even alone keeps the beginning
+        of its body, closed by <|eot_id|> (nothing of it when not even its header fits). ValueError
+        when the system message and the user header alone exceed max_tokens.
+        """
+        bodies = self.encode_bodies([m["content"] for m in messages])
+        parts = [self.header_ids[m["role"]] + body for m, body in zip(messages, bodies)]
+        has_system = bool(messages) and messages[0]["role"] == SYSTEM
+        system, turns = (parts[0], parts[1:]) if has_system else ([], parts)
+        budget = max_tokens - len(system) - len(self.header_ids[USER])
+        if budget < 0:
+            raise ValueError(f"the system message ({len(system)} tokens) with the user header leaves no room in "
+                             f"{max_tokens} tokens")
+        start = oldest_kept([len(t) for t in turns], budget)
+        kept = [token for part in turns[start:] for token in part]
+        if start == len(turns) and turns:
+            header = self.header_ids[messages[-1]["role"]]
+            room = budget - len(header) - 1  # the cut body's own <|eot_id|>
+            if room > 0:
+                kept = header + bodies[-1][:-1][:room] + [self.eot_id]
+        return system + kept + self.header_ids[USER], start > 0
+
     def flip(self, messages: Sequence[dict], mode: str, max_seq_len: int,
              train_on: Callable[[dict], bool] = is_user_turn,
              bodies: Sequence[list[int]] | None = None) -> list[Example]:
@@ -215,10 +240,7 @@ class ChatEncoder:
         if budget < 0:
             example.add_cut(target, max_seq_len - len(system))
             return example
-        start = index
-        while start > 0 and len(turns[start - 1].ids) <= budget:
-            start -= 1
-            budget -= len(turns[start].ids)
+        start = oldest_kept([len(part.ids) for part in turns[:index]], budget)
         example.truncated = start > 0
         for part in turns[start:index]:
             example.add(part.ids, None)
@@ -261,6 +283,16 @@ class ChatEncoder:
             for example in windows:
                 example.truncated = True
         return windows
+
+
+def oldest_kept(lengths: Sequence[int], budget: int) -> int:
+    """Index of the oldest message kept when history of these token lengths is cut to `budget`:
+    whole messages are taken newest first, up to the first one that no longer fits."""
+    start = len(lengths)
+    while start > 0 and lengths[start - 1] <= budget:
+        start -= 1
+        budget -= lengths[start]
+    return start
 
 
 @dataclass

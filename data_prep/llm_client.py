@@ -16,10 +16,20 @@ What it does for you:
 - optional requests-per-minute and tokens-per-minute limits (token buckets; a request is charged
   its estimated prompt tokens plus max_tokens, then corrected with the usage the server reports);
 - 401/403/404 are configuration errors (wrong key, model or URL): they raise LLMConfigError at
-  once instead of failing every request in turn.
+  once instead of failing every request in turn;
+- a dead endpoint stops the run: after `max_connection_failures` consecutive attempts that got no
+  HTTP response at all (refused, reset, unreachable; over all requests in flight, any response in
+  between resets the count) it raises EndpointUnreachable (an LLMConfigError) naming the URL,
+  instead of retrying every request for its whole backoff budget and reporting them all failed;
+- a reply body is read in chunks and abandoned past `max_response_bytes` (the connection is
+  closed, so a hostile or broken server cannot make the client hold a 400 MB body): the request
+  fails for good as `response_too_large`.
 
 The API key is read from the environment variable *named* by `api_key_env`; the config holds only
-that name, and the key is never logged, written or put in an exception message.
+that name, and the key is never logged, written or put in an exception message. A server that
+echoes it (in an error body or inside a normal reply's text) does not get it stored: `redact`
+replaces it in every text the client hands on. A key given by mistake as `api_key_env` is refused
+without being echoed.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence
@@ -41,6 +52,9 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 CONFIG_ERROR_STATUS = {401, 403, 404}
 CHARS_PER_TOKEN = 4  # estimate of prompt tokens before the server reports usage (rate limiting only)
+READ_CHUNK_BYTES = 1 << 16
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+REDACTED = "<api key>"
 
 
 @dataclass
@@ -55,6 +69,8 @@ class ClientConfig:
     backoff_base_s: float = MISSING             # delay before retry k: uniform(0, min(max, base * 2**k))
     backoff_max_s: float = MISSING
     max_retry_after_s: float = MISSING          # cap on a server's Retry-After
+    max_connection_failures: int = MISSING      # consecutive attempts with no HTTP response: stop (unreachable)
+    max_response_bytes: int = MISSING           # a longer reply body is abandoned: response_too_large
     requests_per_minute: Optional[float] = MISSING   # null: no limit
     tokens_per_minute: Optional[float] = MISSING     # null: no limit
     price_input_per_million: float = MISSING    # USD per million prompt tokens, for the cost estimate
@@ -99,6 +115,10 @@ class LLMConfigError(RuntimeError):
     """The endpoint refuses every request (bad key, model or URL): stop instead of failing them all."""
 
 
+class EndpointUnreachable(LLMConfigError):
+    """No HTTP response from the endpoint for `max_connection_failures` attempts in a row."""
+
+
 class RateLimiter:
     """A token bucket refilled at `per_minute / 60` per second, holding at most one second's worth.
 
@@ -131,10 +151,24 @@ class RateLimiter:
         self.level = min(self.capacity, self.level + n)
 
 
+def looks_like_a_key(api_key_env: str) -> bool:
+    """Whether an api_key_env value is more likely a key than a variable name: not a valid name
+    (sk-..., with dashes or dots), or a long run of letters and digits that is not upper case
+    (variable names are, by convention; OpenAI's and Azure's keys are not)."""
+    return (not VARIABLE_NAME.fullmatch(api_key_env) or api_key_env.startswith("sk")
+            or (len(api_key_env) >= 20 and any(c.isdigit() for c in api_key_env) and not api_key_env.isupper()))
+
+
 def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
+    """The key held by the variable named `api_key_env` (None: no key). A value that looks like a
+    key itself is refused without being repeated (error messages end up in logs)."""
     if not api_key_env:
         return None
-    key = os.environ.get(api_key_env)
+    key = os.environ.get(api_key_env) if VARIABLE_NAME.fullmatch(api_key_env) else None
+    if not key and looks_like_a_key(api_key_env):
+        raise LLMConfigError("api_key_env: that looks like a key, not a variable name. Put the key in an "
+                             "environment variable and give its NAME (e.g. api_key_env=OPENAI_API_KEY); "
+                             "and since the key was typed on a command line, consider replacing it")
     if not key:
         raise LLMConfigError(f"environment variable {api_key_env} (named by api_key_env) is not set or empty")
     return key
@@ -184,6 +218,7 @@ class LLMClient:
         self._requests = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tokens = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         self._paused_until = 0.0  # set from Retry-After: every slot waits
+        self._connection_failures = 0  # consecutive attempts without an HTTP response, over all requests
         self._session: Optional[aiohttp.ClientSession] = None
 
     async def __aenter__(self) -> "LLMClient":
@@ -224,12 +259,18 @@ class LLMClient:
                 await asyncio.sleep(wait)
             try:
                 async with self._session.post(self.url, data=payload) as response:
-                    body = await response.read()
+                    self._connection_failures = 0
                     status, retry_after = response.status, response.headers.get("Retry-After")
+                    body = await self._read_body(response)
             except asyncio.TimeoutError:
                 return _Failure("timeout", f"no reply within {self.cfg.timeout_s} s")
+            except aiohttp.ClientConnectionError as e:
+                return self._connection_failure(e)
             except aiohttp.ClientError as e:
                 return _Failure("connection_error", f"{type(e).__name__}: {str(e)[:120]}")
+        if body is None:  # retrying would fetch the same oversized answer
+            return _Failure("response_too_large", f"HTTP {status} reply over max_response_bytes="
+                            f"{self.cfg.max_response_bytes}, abandoned", retryable=False)
         if status in CONFIG_ERROR_STATUS:
             raise LLMConfigError(f"{self.url} answered HTTP {status} ({self._shown(body)}): check base_url, "
                                  f"model and the key in ${self.cfg.api_key_env}")
@@ -242,15 +283,45 @@ class LLMClient:
         try:
             text, usage, finish_reason = parse_completion(body)
         except ValueError as e:
-            return _Failure("malformed", str(e))
+            return _Failure("malformed", self.redact(str(e)))
         if self._tokens and usage.prompt_tokens:
             self._tokens.refund(estimate - usage.prompt_tokens - usage.completion_tokens)
-        return Completion(text, usage, 1, finish_reason)
+        return Completion(self.redact(text), usage, 1, finish_reason)
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> Optional[bytes]:
+        """The body, read in chunks; None (and the connection closed) once it exceeds max_response_bytes."""
+        limit = self.cfg.max_response_bytes
+        if response.content_length is not None and response.content_length > limit:
+            response.close()
+            return None
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                response.close()
+                return None
+        return bytes(body)
+
+    def _connection_failure(self, error: aiohttp.ClientConnectionError) -> _Failure:
+        """An attempt that got no HTTP response; the last of max_connection_failures in a row stops the run."""
+        self._connection_failures += 1
+        detail = self.redact(f"{type(error).__name__}: {str(error)[:120]}")
+        if self._connection_failures >= self.cfg.max_connection_failures:
+            raise EndpointUnreachable(
+                f"{self.url} is unreachable: {self._connection_failures} connection attempts in a row got no "
+                f"HTTP response (last: {detail}). Is the server running, and base_url right? Stopping instead "
+                f"of failing every request; what finished is kept, run again once the endpoint answers "
+                f"(max_connection_failures={self.cfg.max_connection_failures})")
+        return _Failure("connection_error", detail)
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key: applied to every text the client hands on (reply texts, error
+        bodies and details), since some servers echo the key they were sent."""
+        return text.replace(self._key, REDACTED) if self._key else text
 
     def _shown(self, body: bytes) -> str:
-        """The start of an error body, fit for logs and reports: some providers echo the key."""
-        text = body[:300].decode("utf-8", "replace")
-        return text.replace(self._key, "<api key>") if self._key else text
+        """The start of an error body, fit for logs and reports."""
+        return self.redact(body.decode("utf-8", "replace"))[:300]  # redacted before the cut: no half key
 
     async def complete_many(self, requests: Sequence[Sequence[dict]], **params
                             ) -> AsyncIterator[tuple[int, Completion | RequestFailed]]:

@@ -6,8 +6,10 @@ conversation a list of {role, content} turns (user first, user last). It never s
 intent; its own system prompt (config) comes first.
     hf        a local transformers model with its chat template (left-padded batches, pad != EOS)
     openai    any chat-completions endpoint through data_prep.llm_client (the intents stage's client:
-              concurrency, retries, Retry-After, rate limits); a request that fails for good
-              becomes a reply with `error` set, and that conversation ends
+              concurrency, retries, Retry-After, rate limits, a cap on reply size); a request
+              that fails for good (an HTTP error, a reply over max_response_bytes, ...) becomes a
+              reply with `error` and `reason` set, and that conversation ends; a dead endpoint
+              (EndpointUnreachable) or a refused key stops the run
     scripted  reply k is `replies[k]` (the last one repeated): the hedging and diverting assistants of
               the role- and intent-adherence metrics, deterministic and free
 """
@@ -29,6 +31,7 @@ from evaluate.simulator import SamplingSettings, generate_batch, in_length_batch
 class AssistantReply:
     text: str | None
     error: str | None = None      # why there is no text (a request that failed for good)
+    reason: str | None = None     # its short label (RequestFailed.reason: http_400, response_too_large, ...)
 
 
 def with_system(system_prompt: str | None, turns: Sequence[dict]) -> list[dict]:
@@ -94,7 +97,7 @@ class OpenAIAssistant:
         async with LLMClient(self.client_cfg) as client:
             results = await client.complete_all([with_system(self.system_prompt, turns) for turns in conversations],
                                                 **self.params)
-        return [AssistantReply(None, str(r)) if isinstance(r, RequestFailed) else AssistantReply(r.text.strip())
+        return [AssistantReply(None, str(r), r.reason) if isinstance(r, RequestFailed) else AssistantReply(r.text.strip())
                 for r in results]
 
 

@@ -14,12 +14,17 @@ with a prompting protocol (evaluate.protocols), scores every user-turn target to
     config, package versions. No timings: the same config on the same machine gives the same bytes.
 A target token is every token of a user turn's body ("\\n" + text + <|eot_id|> in UserLM's format)
 and of the end-of-conversation target; system, headers and assistant turns are context.
+Under protocol userlm, a tokenizer without <|endconversation|> for a model whose embedding has
+rows past the tokenizer's vocabulary (where this pipeline's training puts that token) draws a
+warning: most likely a trained user LM scored with the base tokenizer by mistake, which scores its
+end token as plain text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +44,7 @@ from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
 
+log = logging.getLogger(__name__)
 INTENTS = ("none", "task", "generic")
 COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,9 +69,16 @@ def conversation_intent(cfg, row: dict, index: int) -> str | None:
 def end_token_handling(cfg, tokenizer, model) -> tuple[bool, str]:
     """Whether the model has a trained row for <|endconversation|>, and how the end target is scored."""
     token_id = tokenizer.get_vocab().get(END_CONVERSATION)
-    in_vocabulary = token_id is not None and token_id < model.get_input_embeddings().num_embeddings
+    rows = model.get_input_embeddings().num_embeddings
+    in_vocabulary = token_id is not None and token_id < rows
     if cfg.missing_end_token not in ("plain_text", "exclude"):
         raise ValueError(f"missing_end_token={cfg.missing_end_token!r}: expected plain_text or exclude")
+    if cfg.protocol == "userlm" and token_id is None and rows > len(tokenizer):
+        log.warning("the tokenizer (%s) has no %s, but the model's embedding has %d rows past its %d tokens, "
+                    "where training (train/run.py) adds that token: is this a trained user LM scored with the "
+                    "base tokenizer? Its end token is scored as %s; pass the model's own tokenizer (tokenizer=null) "
+                    "or the data directory's", cfg.tokenizer or cfg.model, END_CONVERSATION, rows - len(tokenizer),
+                    len(tokenizer), cfg.missing_end_token)
     return in_vocabulary, "token" if in_vocabulary else cfg.missing_end_token
 
 

@@ -5,6 +5,12 @@ Two protocols, one API, for scoring (evaluate.perplexity) and for generation (us
     protocol = make_protocol("userlm", tokenizer, end_token="token")
     protocol.examples(intent, turns, ended, mode="per_conversation", max_seq_len=2048)  # scoring
     protocol.build_prompt(intent, turns)   # token ids after which the model writes the next user turn
+    protocol.prompt_within(intent, turns, max_tokens)   # the same, cut to a context: (ids, truncated)
+
+A prompt over `max_tokens` (the user LM's context less the tokens it may generate) is cut by one
+rule in both protocols, the rule of data_prep's per_turn history: the system message (the intent)
+stays, the oldest whole messages go first, and a newest message that does not fit even alone keeps
+its first tokens. An intent that alone leaves no room is a ValueError.
 
 - `userlm`: UserLM-8b's own chat format (data_prep.chat_format): the intent as system message, the
   real roles, the user header last. For user LMs, and for base models, which get the same text.
@@ -92,6 +98,9 @@ class UserLMProtocol:
     def build_prompt(self, intent: str | None, turns: Sequence[dict]) -> list[int]:
         return self.encoder.prompt_ids(self.messages(intent, turns, ended=False))
 
+    def prompt_within(self, intent: str | None, turns: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
+        return self.encoder.prompt_ids_within(self.messages(intent, turns, ended=False), max_tokens)
+
 
 class FlippedChatProtocol:
     """An instruct model's own chat template, roles swapped; masks derived from its rendering."""
@@ -121,6 +130,30 @@ class FlippedChatProtocol:
 
     def build_prompt(self, intent: str | None, turns: Sequence[dict]) -> list[int]:
         return self._ids(self._render(self.messages(intent, turns, ended=False), generation_prompt=True))
+
+    def prompt_within(self, intent: str | None, turns: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
+        """build_prompt cut to max_tokens (the module's rule), rendered by the template each time."""
+        messages = self.messages(intent, turns, ended=False)
+        for first in range(1, len(messages)):   # the system message stays; the oldest others go first
+            ids = self._ids(self._render(messages[:1] + messages[first:], generation_prompt=True))
+            if len(ids) <= max_tokens:
+                return ids, first > 1
+        system_only = self._ids(self._render(messages[:1], generation_prompt=True))
+        if len(system_only) > max_tokens:
+            raise ValueError(f"the system prompt ({len(system_only)} tokens) leaves no room in {max_tokens} tokens")
+        if len(messages) == 1:
+            return system_only, False
+        # The newest message alone does not fit: its first tokens, as many as the rendering leaves room for.
+        newest = messages[-1]
+        content_ids = self._ids(newest["content"])
+        room = max_tokens - len(self._ids(self._render([messages[0], {**newest, "content": ""}], True)))
+        while room > 0:
+            cut = {**newest, "content": self.tokenizer.decode(content_ids[:room])}
+            ids = self._ids(self._render([messages[0], cut], generation_prompt=True))
+            if len(ids) <= max_tokens:
+                return ids, True
+            room -= len(ids) - max_tokens   # decoded text can tokenize longer at the seams
+        return system_only, True
 
     def examples(self, intent: str | None, turns: Sequence[dict], ended: bool, mode: str,
                  max_seq_len: int) -> list[Example]:

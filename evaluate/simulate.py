@@ -12,7 +12,13 @@ Intents come from an intents JSONL ({conversation_hash, intent}) or a data_prep 
 endpoint (vLLM, TGI, OpenAI; the intents stage's client) or a fixed script (evaluate.assistants).
 Outputs in `output_dir`:
     transcripts.jsonl   one finished conversation per line, with per-turn guardrail metadata
-    summary.json        turns per conversation, end reasons, each guardrail's intervention rate
+    summary.json        turns per conversation, end reasons (assistant errors by reason), each
+                        guardrail's intervention rate, prompts cut to the user LM's context
+Failures stay per conversation: an assistant request that fails for good (an HTTP error, a reply
+over assistant.openai.max_response_bytes) ends that conversation as assistant_error, an intent too
+long for the user LM's context as intent_too_long; the others go on. User-LM prompts are cut to
+the model's context by a fixed rule (evaluate.simulator). A dead assistant endpoint stops the run
+(resumable).
     config.yaml, manifest.json   the resolved config, intents provenance, package versions
 Resumable: conversations already in transcripts.jsonl are not redone (a torn last line is cut).
 Reproducible for one uninterrupted run: same config and intents, same bytes. Sampling is batched,
@@ -95,8 +101,9 @@ def simulate(cfg, output_dir: Path) -> Path:
     rates = ", ".join(f"{name} {summary['guardrails'][name]['rate']:.3f}"
                       for name in GUARDRAILS)
     print(f"{summary['conversations']} conversations, {per_turn['mean']:.2f} user turns each; end reasons "
-          f"{json.dumps(summary['end_reasons'])}; guardrail rates: {rates}; "
-          f"failed turns {summary['guardrails']['failed_turns']} -> {output_dir}")
+          f"{json.dumps(summary['end_reasons'])} (assistant errors {json.dumps(summary['assistant_errors'])}); "
+          f"guardrail rates: {rates}; failed turns {summary['guardrails']['failed_turns']}; "
+          f"{summary['truncated_prompts']} prompts cut to the user LM's context -> {output_dir}")
     return output_dir
 
 

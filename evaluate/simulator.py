@@ -20,6 +20,13 @@ backend implements the same method with vLLM logits processors (evaluate.guardra
 token analysis it needs). Prompts come from a prompting protocol (evaluate.protocols): `userlm`
 (UserLM-8b's format, for user LMs and base models) or `flipped_chat` (an instruct model playing the
 user). Guardrails: evaluate.guardrails.
+
+Prompts are bounded by the user LM's context: at most `max_position_embeddings - max_new_tokens`
+tokens. A longer one (a long conversation, or an assistant that answered with megabytes) is cut by
+the protocols' rule: the intent stays, the oldest whole messages go, a newest message too long
+even alone keeps its first tokens. Each turn records its prompt's length (`prompt_tokens`) and
+whether it was cut; a conversation counts its cut prompts (`truncated_prompts`, summed in the
+summary). An intent that alone leaves no room ends its conversation at once (`intent_too_long`).
 """
 
 from __future__ import annotations
@@ -105,6 +112,8 @@ class UserTurn:
     truncated: bool                # the kept sample hit max_new_tokens before <|eot_id|>
     tokens: int                    # tokens the kept sample generated (its stop token not counted)
     guardrails: TurnGuardrails = field(default_factory=TurnGuardrails)
+    prompt_tokens: int = 0         # length of the prompt it was generated from
+    prompt_truncated: bool = False  # that prompt was cut to the context (see the module docstring)
 
 
 @dataclass
@@ -192,6 +201,15 @@ def load_causal_lm(name_or_path: str, dtype: str, device: str, trust_remote_code
     return model.to(device).eval()
 
 
+def context_size(model) -> int:
+    """The positions a causal LM can attend over (its config's max_position_embeddings)."""
+    size = getattr(model.config, "max_position_embeddings", None)
+    if not size:
+        raise ValueError(f"{model.config.name_or_path}: its config has no max_position_embeddings, so prompts "
+                         "cannot be bounded to its context")
+    return size
+
+
 def stop_token_ids(protocol, model) -> list[int]:
     """userlm: <|eot_id|> and <|end_of_text|>. flipped_chat: the instruct model's own EOS tokens."""
     tokenizer = protocol.tokenizer
@@ -217,6 +235,10 @@ class UserSimulator:
         self.protocol = protocol
         self.tokenizer = protocol.tokenizer
         self.guardrails = guardrails
+        self.max_prompt_tokens = context_size(model) - sampling.max_new_tokens
+        if self.max_prompt_tokens <= 0:
+            raise ValueError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
+                             f"the user LM's context of {context_size(model)} tokens")
         vocabulary = self.tokenizer.get_vocab()
         self.end_token_id = vocabulary.get(END_CONVERSATION) if END_CONVERSATION in vocabulary else None
         first_words = FirstWordBan(self.tokenizer, guardrails.first_words) if guardrails.first_word else None
@@ -259,6 +281,10 @@ class UserSimulator:
     def next_turn(self, intent: str | None, conversation: Sequence[dict], allow_end: bool = True) -> UserTurn:
         return self.generate([TurnRequest(intent, conversation, allow_end)])[0]
 
+    def check_intent_fits(self, intent: str | None) -> None:
+        """ValueError when the intent's prompt alone exceeds the user LM's context."""
+        self.protocol.prompt_within(intent, [], self.max_prompt_tokens)
+
     def generate(self, requests: Sequence[TurnRequest]) -> list[UserTurn]:
         """The next user turn of every request, sampled in batches. A sample that breaks a resampling
         guardrail (length, repetition; end_conversation without an end token) is drawn again, only
@@ -266,7 +292,8 @@ class UserSimulator:
         g = self.guardrails
         length = LengthRule(g.min_words, g.max_words) if g.length else None
         prefix = g.intent_prefix if g.repetition else None
-        prompts = [self.protocol.build_prompt(r.intent, r.turns) for r in requests]
+        built = [self.protocol.prompt_within(r.intent, r.turns, self.max_prompt_tokens) for r in requests]
+        prompts = [ids for ids, _ in built]
         forbid_end = [g.end_conversation and not r.allow_end for r in requests]
         records = [TurnGuardrails() for _ in requests]
         turns: list[UserTurn | None] = [None] * len(requests)
@@ -288,7 +315,7 @@ class UserSimulator:
                     continue
                 records[i].failed = violations
                 turns[i] = UserTurn(None if sample.ended else sample.text, sample.ended, sample.truncated, sample.tokens,
-                                    records[i])
+                                    records[i], len(prompts[i]), built[i][1])
             pending = retry
             if not pending:
                 break
@@ -312,16 +339,27 @@ def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items
 
     A conversation ends when the user sends <|endconversation|> (end_reason user_ended; allowed
     once `end_allowed_after` user turns were sent) or after `max_user_turns` answered user turns
-    (max_turns), or when the assistant's request failed for good (assistant_error, with the error).
-    Yielded record: id, intent, turns (user turns carry their guardrail metadata), ended,
-    end_reason, end_turn (the guardrail metadata of the ending sample, or None).
+    (max_turns), or when the assistant's request failed for good (assistant_error, with the error
+    and its reason: an HTTP error, a reply over the client's size cap, ...), or at once when the
+    intent alone does not fit in the user LM's context (intent_too_long, with the error). A failed
+    conversation is recorded and the others go on.
+    Yielded record: id, intent, turns (user turns carry their guardrail metadata and prompt
+    length), ended, end_reason, end_turn (the guardrail metadata of the ending sample, or None),
+    truncated_prompts (user-LM prompts of this conversation cut to the context).
     """
     queue = iter(items)
     active: list[dict] = []
     while True:
         while len(active) < pool_size and (item := next(queue, None)) is not None:
-            active.append({"id": item["id"], "intent": item["intent"], "turns": [], "ended": False,
-                           "end_reason": None, "end_turn": None})
+            conversation = {"id": item["id"], "intent": item["intent"], "turns": [], "ended": False,
+                            "end_reason": None, "end_turn": None, "truncated_prompts": 0}
+            try:
+                simulator.check_intent_fits(item["intent"])
+            except ValueError as e:
+                conversation.update(end_reason="intent_too_long", error=str(e))
+                yield conversation
+                continue
+            active.append(conversation)
         if not active:
             return
         user_turns = simulator.generate([
@@ -329,18 +367,21 @@ def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items
             for c in active])
         waiting = []
         for conversation, turn in zip(active, user_turns):
+            conversation["truncated_prompts"] += turn.prompt_truncated
             if turn.ended:
                 conversation.update(ended=True, end_reason="user_ended", end_turn=turn.guardrails.to_dict())
                 yield conversation
                 continue
             conversation["turns"].append({"role": USER, "content": turn.text, "tokens": turn.tokens,
-                                          "truncated": turn.truncated, "guardrails": turn.guardrails.to_dict()})
+                                          "truncated": turn.truncated, "prompt_tokens": turn.prompt_tokens,
+                                          "guardrails": turn.guardrails.to_dict()})
             waiting.append(conversation)
         replies = assistant.reply([plain(c["turns"]) for c in waiting]) if waiting else []
         active = []
         for conversation, reply in zip(waiting, replies):
             if reply.text is None:
-                conversation.update(end_reason="assistant_error", assistant_error=reply.error)
+                conversation.update(end_reason="assistant_error", assistant_error=reply.error,
+                                    assistant_error_reason=reply.reason)
                 yield conversation
                 continue
             conversation["turns"].append({"role": "assistant", "content": reply.text})

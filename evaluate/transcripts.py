@@ -4,8 +4,9 @@ Transcripts are an append-only JSONL, one finished conversation per line, each h
 operating system in one write as it finishes (the intents store's writer, data_prep.intents.store),
 so a killed run loses only the conversations in flight; a torn last line is cut off before
 appending again. A record:
-    id, intent, turns [{role, content, + for user turns: tokens, truncated, guardrails}], ended,
-    end_reason (user_ended | max_turns | assistant_error), end_turn (guardrails of the end sample)
+    id, intent, turns [{role, content, + for user turns: tokens, truncated, prompt_tokens, guardrails}],
+    ended, end_reason (user_ended | max_turns | assistant_error | intent_too_long), end_turn
+    (guardrails of the end sample), truncated_prompts (user-LM prompts cut to its context)
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def summarise(records: list[dict], enabled: dict[str, bool]) -> dict:
             "histogram": {str(k): v for k, v in sorted(Counter(user_turns).items())},
         },
         "end_reasons": dict(sorted(Counter(r["end_reason"] for r in records).items())),
+        # (.get: transcripts written before these fields existed lack them; none of their prompts was cut)
+        "assistant_errors": dict(sorted(Counter(r.get("assistant_error_reason", "unrecorded") for r in records
+                                                if r["end_reason"] == "assistant_error").items())),
+        "truncated_prompts": sum(r.get("truncated_prompts", 0) for r in records),
         "truncated_user_turns": sum(t["truncated"] for t in kept),
         "user_turn_tokens_mean": round(statistics.fmean(t["tokens"] for t in kept), 6) if kept else 0.0,
         "guardrails": guardrail_report(generated, enabled),

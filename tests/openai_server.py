@@ -13,7 +13,10 @@ sees, and can be told to misbehave:
 
 Faults: "429" (with Retry-After: retry_after_s), "500", "503", "400", "401", "slow" (sleeps slow_s
 before answering), "malformed" (200 with a body that is not a chat completion), "disconnect"
-(closes the connection without a response), "bad_intent" (200 whose text is two paragraphs).
+(closes the connection without a response), "bad_intent" (200 whose text is two paragraphs), "huge"
+(a 200 whose text is `huge_bytes` long, streamed in chunks without a Content-Length; what was sent
+before the client hung up is counted in stats.huge_bytes_sent), "echo_key" (a 200 whose intent
+text repeats the request's Authorization header, as a careless proxy might).
 `api_key`: when set, requests without "Authorization: Bearer <api_key>" get 401.
 
 Run alone (for benchmarks, in its own process so it does not share the client's GIL):
@@ -58,13 +61,15 @@ class ServerStats:
     max_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    huge_bytes_sent: int = 0          # bytes of "huge" replies written before the client went away
 
 
 class OpenAIServer:
     def __init__(self, reply: Callable[[dict], str] = intent_reply, latency_s: float = 0.0, slow_s: float = 5.0,
-                 retry_after_s: float = 0.05, api_key: Optional[str] = None, port: int = 0):
+                 retry_after_s: float = 0.05, api_key: Optional[str] = None, port: int = 0,
+                 huge_bytes: int = 256 << 20):
         self.reply, self.latency_s, self.slow_s, self.retry_after_s = reply, latency_s, slow_s, retry_after_s
-        self.api_key, self.port = api_key, port
+        self.api_key, self.port, self.huge_bytes = api_key, port, huge_bytes
         self.faults: deque[str] = deque()
         self.rules: list[tuple[Callable[[dict], bool], str]] = []
         self.hang_after: Optional[int] = None
@@ -117,7 +122,14 @@ class OpenAIServer:
         if fault == "disconnect":
             request.transport.close()
             return web.Response()
-        text = "First paragraph.\n\nSecond paragraph." if fault == "bad_intent" else self.reply(body)
+        if fault == "huge":
+            return await self._huge(request)
+        if fault == "echo_key":
+            text = f"{INTENT_PREFIX} get help; you sent {request.headers.get('Authorization')}."
+        elif fault == "bad_intent":
+            text = "First paragraph.\n\nSecond paragraph."
+        else:
+            text = self.reply(body)
         usage = {"prompt_tokens": len(raw) // 4, "completion_tokens": len(text) // 4 + 1}
         self.stats.replies += 1
         self.stats.answered[prompt_digest(body)] += 1
@@ -128,6 +140,24 @@ class OpenAIServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
         })
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A well-formed completion of huge_bytes characters, written in chunks as the client reads."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b"x" * (1 << 16)
+        try:
+            await response.write(b'{"choices": [{"index": 0, "finish_reason": "stop", '
+                                 b'"message": {"role": "assistant", "content": "')
+            for _ in range(self.huge_bytes // len(chunk)):
+                await response.write(chunk)   # waits while the client's socket is full
+                self.stats.huge_bytes_sent += len(chunk)
+            await response.write(b'"}}]}')
+            await response.write_eof()
+        except ConnectionError:               # the client hung up mid-body
+            pass
+        return response
 
     async def stats_json(self, request: web.Request) -> web.Response:
         return web.json_response({k: v for k, v in asdict(self.stats).items() if k != "answered"})

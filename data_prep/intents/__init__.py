@@ -17,6 +17,8 @@ def get_intents(intents_cfg, conversations) -> dict[str, str]:
     """conversation_hash -> intent for `conversations` (a Dataset with conversation_hash and turns).
 
     Conversations without an intent are left out of the mapping; data_prep drops and counts them.
+    A failed generation stage raises (a dead endpoint, or not one intent generated:
+    data_prep.intents.generate), so data_prep never writes an output built on it.
     """
     if intents_cfg.backend == "file":
         return read_intents(intents_cfg.path)

@@ -9,6 +9,12 @@ current version but with a different prompt text are refused (bump the version).
 The report (`<store>.report.json`, also printed) accounts for every conversation asked for:
 cached + done + failed (by reason) + duplicate hashes, with tokens in/out, the estimated cost and
 the wall time. Failures are listed with their reason and are asked again by the next run.
+
+The stage fails (raises, so `python -m data_prep.intents` exits non-zero and `python -m data_prep`
+writes nothing) when the endpoint is dead (no HTTP response for `openai.max_connection_failures`
+attempts in a row: data_prep.llm_client.EndpointUnreachable, naming the URL), or when not one of
+the conversations asked for got an intent (the report is written first). Some failures among
+successes are a normal run: those conversations are dropped and counted downstream.
 """
 
 from __future__ import annotations
@@ -128,6 +134,9 @@ def generate_intents(intents_cfg, conversations) -> dict:
         raise AssertionError(f"intents report does not add up: {accounted} accounted for, {len(hashes)} asked")
     artifacts.write_json(report_path(path), report)
     print(summary(report))
+    if pending and not done:
+        raise RuntimeError(f"intents: none of the {len(pending)} conversations asked for got an intent "
+                           f"(failed: {report['failed']}), see {report_path(path)}: the intents stage failed")
     return report
 
 
