@@ -159,16 +159,38 @@ def looks_like_a_key(api_key_env: str) -> bool:
             or (len(api_key_env) >= 20 and any(c.isdigit() for c in api_key_env) and not api_key_env.isupper()))
 
 
-def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
-    """The key held by the variable named `api_key_env` (None: no key). A value that looks like a
-    key itself is refused without being repeated (error messages end up in logs)."""
-    if not api_key_env:
-        return None
-    key = os.environ.get(api_key_env) if VARIABLE_NAME.fullmatch(api_key_env) else None
-    if not key and looks_like_a_key(api_key_env):
+def check_api_key_env(api_key_env: Optional[str]) -> None:
+    """Refuse an api_key_env value that looks like a key itself, without repeating it (error
+    messages end up in logs)."""
+    named = bool(api_key_env) and VARIABLE_NAME.fullmatch(api_key_env) and os.environ.get(api_key_env)
+    if api_key_env and not named and looks_like_a_key(api_key_env):
         raise LLMConfigError("api_key_env: that looks like a key, not a variable name. Put the key in an "
                              "environment variable and give its NAME (e.g. api_key_env=OPENAI_API_KEY); "
                              "and since the key was typed on a command line, consider replacing it")
+
+
+def check_config_key_names(cfg) -> None:
+    """Check every api_key_env in a stage's config before the config is written anywhere: a key
+    typed in place of a variable name would otherwise be saved in config.yaml and the manifest."""
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name == "api_key_env" and isinstance(value, str):
+                    check_api_key_env(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(OmegaConf.to_container(cfg, resolve=True))
+
+
+def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
+    """The key held by the variable named `api_key_env` (None: no key)."""
+    if not api_key_env:
+        return None
+    check_api_key_env(api_key_env)
+    key = os.environ.get(api_key_env) if VARIABLE_NAME.fullmatch(api_key_env) else None
     if not key:
         raise LLMConfigError(f"environment variable {api_key_env} (named by api_key_env) is not set or empty")
     return key

@@ -40,6 +40,7 @@ from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_ba
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
 from data_prep.intents import get_intents
+from data_prep.llm_client import check_config_key_names
 from data_prep.load import load_source
 from data_prep.split import assign_splits
 
@@ -118,6 +119,7 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
 
 def run(cfg) -> Path:
     """Prepare `cfg.output_dir`, holding its lock throughout: one data_prep per output directory."""
+    check_config_key_names(cfg)  # before the config is written anywhere
     with artifacts.output_lock(cfg.output_dir, "data_prep"):
         return prepare(cfg)
 

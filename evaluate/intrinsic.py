@@ -33,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schemas)
 from data_prep import artifacts
+from data_prep.llm_client import check_config_key_names
 from data_prep.chat_format import USER
 from evaluate import intrinsic_metrics as m
 from evaluate.assistants import describe, make_assistant
@@ -86,6 +87,7 @@ def save(path: Path, name: str, results: dict, extra: dict) -> None:
 
 def run(cfg) -> Path:
     """Measure one simulation into <output_dir>/<name>/, holding that directory's lock."""
+    check_config_key_names(cfg)  # before the config is written anywhere
     simulation = Path(cfg.simulation)
     with artifacts.owned_directory(Path(cfg.output_dir) / (cfg.name or simulation.name), "intrinsic") as out_dir:
         return measure(cfg, simulation, out_dir)

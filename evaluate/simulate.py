@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schema)
 from data_prep import artifacts
+from data_prep.llm_client import check_config_key_names
 from evaluate.assistants import describe, make_assistant
 from evaluate.guardrails import GUARDRAILS
 from evaluate.simulator import GuardrailSettings, UserSimulator, simulate_conversations
@@ -53,6 +54,7 @@ def check_same_config(output_dir: Path, config_yaml: str) -> None:
 
 def run(cfg) -> Path:
     """Simulate into `cfg.output_dir`, holding its lock: one simulation per output directory."""
+    check_config_key_names(cfg)  # before the config is written anywhere
     with artifacts.owned_directory(cfg.output_dir, "simulate") as output_dir:
         return simulate(cfg, output_dir)
 

@@ -126,6 +126,21 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_echoed(mistake, mon
         run(client_config("http://127.0.0.1:9/v1", "intents.openai.api_key_env=NOT_SET_VARIABLE_NAME"), messages(1))
 
 
+@pytest.mark.parametrize("stage,key", [("data_prep", "intents.openai.api_key_env"),
+                                       ("simulate", "assistant.openai.api_key_env"),
+                                       ("intrinsic", "judge.client.api_key_env")])
+def test_a_key_given_as_api_key_env_is_never_written_to_a_stage_config(stage, key, tmp_path, monkeypatch):
+    """Refused before the stage writes its config.yaml or manifest, whatever its backend."""
+    import importlib
+    monkeypatch.delenv(SECRET, raising=False)
+    module = importlib.import_module({"data_prep": "data_prep.pipeline", "simulate": "evaluate.simulate",
+                                      "intrinsic": "evaluate.intrinsic"}[stage])
+    cfg = compose_config(stage, ["experiment=tiny", f"{key}={SECRET}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(LLMConfigError, match="that looks like a key"):
+        module.run(cfg)
+    assert not list(tmp_path.rglob("*"))
+
+
 # ---- item 15 (c): perplexity warns of a trained model scored with the base tokenizer ---------------
 
 def test_perplexity_warns_when_the_tokenizer_lacks_the_end_token_the_model_has(tiny_assets, tiny_userlm_model,
