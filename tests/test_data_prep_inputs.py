@@ -119,6 +119,27 @@ def test_generated_reply_with_control_tokens_is_rejected_asked_again_and_counted
     assert not any(START_HEADER in intent for intent in read_intents(store).values())
 
 
+def test_a_stored_intent_that_fails_the_checks_is_asked_again(tmp_path):
+    """A store written before the control-token check may hold such an intent: it is not reused."""
+    from data_prep.intents.__main__ import run as run_intents
+    from data_prep.intents.store import read_intents, read_store
+    store = tmp_path / "intents.jsonl"
+    overrides = ["experiment=tiny", f"data.source={SAMPLE / 'wildchat.parquet'}", "data.limit=20", "num_proc=1",
+                 f"intents.path={store}", "intents.backend=openai", "intents.openai.model=test-model",
+                 "intents.openai.timeout_s=5", "intents.progress=false"]
+    with OpenAIServer() as server:
+        cfg = compose_config("data_prep", [*overrides, f"intents.openai.base_url={server.base_url}"])
+        first = run_intents(cfg)
+        old = next(read_store(store))
+        old["intent"] += INJECTION
+        with open(store, "a") as f:
+            f.write(json.dumps(old) + "\n")
+        replies = server.stats.replies
+        second = run_intents(cfg)
+    assert server.stats.replies - replies == 1 and second["cached"] == first["done"] - 1
+    assert not any(START_HEADER in intent for intent in read_intents(store, "v1", "test-model").values())
+
+
 # ---- item 4: a split with no intents -------------------------------------------------------------
 
 @pytest.mark.parametrize("lines", [0, 1])

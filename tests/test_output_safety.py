@@ -183,3 +183,20 @@ def test_evaluation_stages_never_write_among_a_users_files(tmp_path, stage, modu
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_one_intents_generation_per_store(tmp_path):
+    from conftest import compose_config
+    from data_prep.intents.__main__ import run as run_intents
+    store = tmp_path / "intents.jsonl"
+    cfg = compose_config("data_prep", ["experiment=tiny", f"data.source={SAMPLE / 'wildchat.parquet'}",
+                                       "data.limit=5", "num_proc=1", f"intents.path={store}", "intents.backend=openai",
+                                       "intents.openai.base_url=http://127.0.0.1:9/v1", "intents.progress=false"])
+    holder = _hold_lock(store)
+    try:
+        with pytest.raises(artifacts.OutputLocked, match=f"pid {holder.pid}"):
+            run_intents(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not store.exists()

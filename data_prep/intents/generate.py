@@ -13,7 +13,7 @@ the wall time. Failures are listed with their reason and are asked again by the 
 The stage fails (raises, so `python -m data_prep.intents` exits non-zero and `python -m data_prep`
 writes nothing) when the endpoint is dead (no HTTP response for `openai.max_connection_failures`
 attempts in a row: data_prep.llm_client.EndpointUnreachable, naming the URL), or when not one of
-the conversations asked for got an intent (the report is written first). Some failures among
+the conversations asked for has an intent, cached or new (the report is written first). Some failures among
 successes are a normal run: those conversations are dropped and counted downstream.
 """
 
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data_prep import artifacts
 from data_prep.intents.backends import BACKENDS, Job, Outcome
+from data_prep.intents.checks import intent_problem
 from data_prep.intents.prompt import IntentPrompt
 from data_prep.intents.store import IntentWriter, read_intents, read_store
 
@@ -58,6 +59,11 @@ def generate_intents(intents_cfg, conversations) -> dict:
         raise ValueError(f"intents.backend={intents_cfg.backend!r}: generation needs one of {sorted(BACKENDS)}")
     if not intents_cfg.path:
         raise ValueError("intents.path: set the store that generation fills (a .jsonl path)")
+    with artifacts.output_lock(intents_cfg.path, "data_prep.intents"):  # one generation per store
+        return fill_store(intents_cfg, conversations)
+
+
+def fill_store(intents_cfg, conversations) -> dict:
     started = time.monotonic()
     path, prompt = Path(intents_cfg.path), IntentPrompt(intents_cfg.prompt)
     version, model, fingerprint = prompt.version, backend_model(intents_cfg), prompt.fingerprint
@@ -66,7 +72,8 @@ def generate_intents(intents_cfg, conversations) -> dict:
     cached = {}
     if path.exists():
         check_prompt_unchanged(path, version, model, fingerprint)
-        cached = read_intents(path, version, model)
+        # An intent stored before today's checks that fails them is asked again (the newest row wins).
+        cached = {h: intent for h, intent in read_intents(path, version, model).items() if not intent_problem(intent)}
     hashes = conversations["conversation_hash"]
     pending, seen = [], set()
     for i, h in enumerate(hashes):
@@ -134,7 +141,7 @@ def generate_intents(intents_cfg, conversations) -> dict:
         raise AssertionError(f"intents report does not add up: {accounted} accounted for, {len(hashes)} asked")
     artifacts.write_json(report_path(path), report)
     print(summary(report))
-    if pending and not done:
+    if pending and not done and not report["cached"]:  # (a resume whose few retries fail again is no failure)
         raise RuntimeError(f"intents: none of the {len(pending)} conversations asked for got an intent "
                            f"(failed: {report['failed']}), see {report_path(path)}: the intents stage failed")
     return report
