@@ -224,6 +224,7 @@ def run(cfg) -> Path:
         if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
             last_eval = evaluate(step + 1)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total_steps:
+            metrics.sync()  # a checkpoint never refers to metrics that are not on disk
             save_checkpoint(accelerator, output_dir, step + 1, {"step": step + 1, "plan_fingerprint": plan.fingerprint(),
                                                                 "training_fingerprint": fingerprint},
                             cfg.train.save_total_limit)
