@@ -49,7 +49,7 @@ from tqdm import tqdm  # noqa: E402
 import train.config  # noqa: E402,F401  (registers the config schema)
 from data_prep import artifacts  # noqa: E402
 from data_prep.chat_format import IGNORE_INDEX  # noqa: E402
-from train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint import find_resume_point, load_checkpoint, read_train_state, save_checkpoint  # noqa: E402
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402
 from train.metrics import MetricsLog, peak_flops_per_device, training_flops  # noqa: E402
 from train.model import (check_tokenizer_matches_model, load_model, load_tokenizer, model_card,  # noqa: E402
@@ -146,7 +146,7 @@ def run(cfg) -> Path:
     resume_from = find_resume_point(output_dir, cfg.train.resume)
     start_step = 0
     if resume_from is not None:
-        state = json.loads((resume_from / "train_state.json").read_text())
+        state = read_train_state(resume_from)
         if state["plan_fingerprint"] != plan.fingerprint() or state["training_fingerprint"] != fingerprint:
             raise ValueError(f"{resume_from} was written with other data or training settings "
                              f"(plan {state['plan_fingerprint']} != {plan.fingerprint()} or training "
