@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from omegaconf import OmegaConf
 
+from tests.conftest import REPO
 from train.metrics import MetricsLog
 
 WANDB_OFF = OmegaConf.create({"mode": "disabled", "project": "p", "name": None})
@@ -106,3 +113,78 @@ def test_a_same_size_damaged_train_state_is_an_error_naming_it(tmp_path):
     assert find_resume_point(tmp_path, "auto") == directory  # sizes match: only reading it can tell
     with pytest.raises(ValueError, match=r"step_00000010/train_state\.json: not a readable train state"):
         read_train_state(directory)
+
+
+# ---- real launches -------------------------------------------------------------------------------
+
+def launch_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], dict]:
+    """train/run.py under `accelerate launch` with conf/accelerate/cpu.yaml (2 processes), as
+    tests/test_train_deepspeed.py launches it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "conf/accelerate/cpu.yaml"),
+            str(REPO / "train/run.py"), f"output_dir={output_dir}", *overrides], env
+
+
+def launch(output_dir: Path, overrides: list[str], expect_success: bool = True) -> str:
+    command, env = launch_command(output_dir, overrides)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert (done.returncode == 0) == expect_success, log[-5000:]
+    return log
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.2)
+
+
+# Slow enough to be killed in the middle: 2 s of steps or more after the first two checkpoints.
+LONG = ("data.packing=false", "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=40",
+        "train.eval_every=0", "train.save_every=2", "train.save_total_limit=2")
+
+
+def tiny_overrides(tiny_assets: Path, tiny_data: Path, *extra: str) -> list[str]:
+    return ["experiment=tiny", f"data.path={tiny_data}", f"model.name_or_path={tiny_assets / 'model'}",
+            "wandb.mode=disabled", *extra]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_assets, tiny_data, tmp_path_factory):
+    """A long training whose launcher is SIGKILLed once its checkpoint at step 4 is in place.
+    Returns the output_dir, the workers' exit and the seconds they outlived the launcher."""
+    output_dir = tmp_path_factory.mktemp("train") / "killed"
+    command, env = launch_command(output_dir, tiny_overrides(tiny_assets, tiny_data, *LONG))
+    with open(output_dir.parent / "killed.log", "w") as log_file:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    workers: list[psutil.Process] = []
+    try:
+        wait_for(lambda: (output_dir / "checkpoints" / "step_00000004").is_dir() or launcher.poll() is not None,
+                 300, "the checkpoint at step 4")
+        assert launcher.poll() is None, (output_dir.parent / "killed.log").read_text()[-3000:]
+        workers = [p for p in psutil.Process(launcher.pid).children() if "train/run.py" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        outlived = time.monotonic() - killed
+        yield output_dir, alive, outlived
+    finally:
+        for process in [launcher, *workers]:  # whatever is left, by pid
+            try:
+                process.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_stops_its_workers(killed_run):
+    output_dir, alive, outlived = killed_run
+    assert not alive, f"{len(alive)} workers still training {outlived:.0f} s after their launcher was killed"
+    time.sleep(1)
+    assert not (output_dir / "model").exists()
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 4 <= max(steps) < 40

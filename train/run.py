@@ -30,6 +30,30 @@ import time
 import warnings
 from pathlib import Path
 
+
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this worker when its launcher (the accelerate/torchrun process that
+    started it: its parent) dies, even by SIGKILL. The launcher puts each worker in its own session,
+    so without this a `kill -9` of the launcher leaves the workers training to the end and exporting
+    model/, beside any rerun. SIGKILL, not SIGTERM: a library's handler cannot swallow it, and
+    nothing is lost (checkpoints are renamed into place whole; metrics lines are single writes).
+    Linux only (prctl); elsewhere a killed launcher's workers still run on."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
+
+
+if __name__ == "__main__" and "LOCAL_RANK" in os.environ:  # started by a launcher, before the slow imports
+    die_with_launcher()
+
 # `accelerate launch train/run.py` runs this file as a script, which puts train/ first on sys.path;
 # the repository root must be there instead (so `train` is this package, and train/*.py never
 # shadow top-level modules such as `data` or `config` for other libraries).
