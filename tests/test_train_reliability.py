@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -188,3 +188,22 @@ def test_killing_the_launcher_stops_its_workers(killed_run):
     assert not (output_dir / "model").exists()
     steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert 4 <= max(steps) < 40
+
+
+@pytest.mark.slow
+def test_rerun_after_the_kill_resumes_from_the_newest_complete_checkpoint(killed_run, tiny_assets, tiny_data,
+                                                                           tmp_path):
+    """The killed run's newest checkpoint is then damaged (a shard cut short): the rerun warns,
+    resumes from the one before and finishes with every step logged once."""
+    killed_dir, _, _ = killed_run
+    output_dir = tmp_path / "rerun"
+    shutil.copytree(killed_dir, output_dir)
+    shard = output_dir / "checkpoints/step_00000004/pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    log = launch(output_dir, tiny_overrides(tiny_assets, tiny_data, *LONG))
+    assert f"not resuming from {output_dir}/checkpoints/step_00000004: {shard} has" in log
+    assert f"resumed from {output_dir}/checkpoints/step_00000002 at step 2" in log
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+    assert (output_dir / "model" / "model.safetensors").is_file()
