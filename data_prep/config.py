@@ -145,6 +145,7 @@ class DataPrepConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     max_seq_len: int = MISSING
     output_dir: str = MISSING
+    overwrite: bool = MISSING         # replace an output_dir that is not data_prep's own complete output
     num_proc: int = MISSING
     batch_size: int = MISSING         # conversations per datasets.map batch
     preview_examples: int = MISSING   # decoded examples written to examples.txt

@@ -7,7 +7,9 @@
                                                                        # (see data_prep/intents/__main__.py)
 
 Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
-Outputs in `output_dir`, written atomically (a COMPLETED marker last):
+Outputs in `output_dir`, written atomically (a COMPLETED marker last), under a lock held for the whole run.
+`output_dir` must be empty, absent or data_prep's own complete earlier output (`overwrite=true` replaces
+anything else, except a folder that holds an input of the run):
     train/ validation/ test/   examples: conversation_hash, input_ids, labels, ... (save_to_disk)
     conversations/<split>/     the same conversations as text with their intent (for evaluation)
     tokenizer/                 the tokenizer the examples were made with (chat template installed)
@@ -115,7 +117,16 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
 
 
 def run(cfg) -> Path:
+    """Prepare `cfg.output_dir`, holding its lock throughout: one data_prep per output directory."""
+    with artifacts.output_lock(cfg.output_dir, "data_prep"):
+        return prepare(cfg)
+
+
+def prepare(cfg) -> Path:
     output_dir = Path(cfg.output_dir)
+    # Refused before any work when output_dir holds anything but data_prep's own earlier output, or an input.
+    inputs = [cfg.data.source, cfg.intents.path, cfg.tokenizer.name_or_path]
+    artifacts.check_replaceable(output_dir, "data_prep", cfg.overwrite, inputs)
     start = time.perf_counter()
     if cfg.flip.mode not in ("per_turn", "per_conversation"):
         raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
@@ -159,7 +170,7 @@ def run(cfg) -> Path:
 
     log_stage("flip + tokenize", start)
     # ---- save --------------------------------------------------------------------------------
-    with artifacts.atomic_directory(output_dir) as tmp:
+    with artifacts.atomic_directory(output_dir, "data_prep", overwrite=cfg.overwrite, inputs=inputs) as tmp:
         # An empty split is not saved (datasets cannot load one back); funnel.json still counts it.
         for split in [s for s, ds in examples.items() if len(ds) == 0]:
             log.warning("split %r is empty and is not written", split)

@@ -80,24 +80,28 @@ def with_headlines(results: dict) -> dict:
 
 
 def save(path: Path, name: str, results: dict, extra: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(path, {"name": name, "metrics": with_headlines(results), **extra,
                                 "packages": artifacts.package_versions()})
 
 
 def run(cfg) -> Path:
+    """Measure one simulation into <output_dir>/<name>/, holding that directory's lock."""
+    simulation = Path(cfg.simulation)
+    with artifacts.owned_directory(Path(cfg.output_dir) / (cfg.name or simulation.name), "intrinsic") as out_dir:
+        return measure(cfg, simulation, out_dir)
+
+
+def measure(cfg, simulation: Path, out_dir: Path) -> Path:
     # ---- config and the simulation ------------------------------------------------------------------
     unknown = set(cfg.metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"metrics: unknown {sorted(unknown)}; expected some of {list(METRICS)}")
-    simulation = Path(cfg.simulation)
     if not (simulation / "summary.json").exists():
         raise FileNotFoundError(f"{simulation} is not a finished evaluate.simulate output (no summary.json)")
     sim_cfg = OmegaConf.load(simulation / "config.yaml")
     sim_manifest = json.loads((simulation / "manifest.json").read_text())
     records = read_transcripts(simulation / "transcripts.jsonl")
-    name = cfg.name or simulation.name
-    out_dir = Path(cfg.output_dir) / name
+    name = out_dir.name
     provenance = {"simulation": {"dir": str(simulation), "user_model": OmegaConf.to_container(sim_cfg.user_model),
                                  "sampling": OmegaConf.to_container(sim_cfg.sampling),
                                  "guardrails": OmegaConf.to_container(sim_cfg.guardrails),
@@ -125,7 +129,6 @@ def run(cfg) -> Path:
             exchanges = converse(simulator, make_assistant(assistant_cfg), items, section.intent_template,
                                  sim_cfg.conversation.end_allowed_after)
             judge(exchanges, cfg.judge.client, section.judge_prompt, section.adhered_when, cfg.judge.max_tokens)
-            out_dir.mkdir(parents=True, exist_ok=True)
             artifacts.write_text(out_dir / f"{metric}.jsonl", "".join(
                 json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in exchanges))
             results[metric] = {"items": section.data.source, "assistant": describe(assistant_cfg),
@@ -170,8 +173,9 @@ def human_reference(cfg, sim_manifest: dict, records: list[dict], detector) -> N
     by_hash = {row["conversation_hash"]: row for row in real.select_columns(["conversation_hash", "intent", "turns"])}
     rows = [by_hash[r["id"].split("#")[0]] for r in records if r["id"].split("#")[0] in by_hash]
     results = transcript_metrics(cfg, [(row["intent"], user_turns(row["turns"])) for row in rows], detector)
-    save(Path(cfg.output_dir) / "human" / "intrinsic.json", "human", results,
-         {"data": {**source, "conversations": len(rows)}, "config": artifacts.resolved_config(cfg)})
+    with artifacts.owned_directory(Path(cfg.output_dir) / "human", "intrinsic") as human_dir:
+        save(human_dir / "intrinsic.json", "human", results,
+             {"data": {**source, "conversations": len(rows)}, "config": artifacts.resolved_config(cfg)})
 
 
 @hydra.main(version_base="1.3", config_path="../conf/intrinsic", config_name="config")

@@ -130,6 +130,13 @@ def save_chunk(path: Path, arrays: dict) -> None:
 
 
 def run(cfg) -> Path:
+    """Score one model in one setting into <output_dir>/<name>/, holding that directory's lock."""
+    result_dir = Path(cfg.output_dir) / (cfg.name or result_name(cfg.model, cfg.protocol))
+    with artifacts.owned_directory(result_dir, "perplexity"):
+        return score(cfg, result_dir)
+
+
+def score(cfg, result_dir: Path) -> Path:
     # ---- config ------------------------------------------------------------------------------
     if cfg.intent not in INTENTS:
         raise ValueError(f"intent={cfg.intent!r}: expected one of {INTENTS}")
@@ -139,8 +146,8 @@ def run(cfg) -> Path:
     if not artifacts.is_complete(data_dir):
         raise FileNotFoundError(f"{data_dir} is not a complete data_prep output (no COMPLETED marker): "
                                 f"run python -m data_prep first")
-    name = cfg.name or result_name(cfg.model, cfg.protocol)
-    out_path = Path(cfg.output_dir) / name / f"{cfg.dataset}-{cfg.intent}.json"
+    name = result_dir.name
+    out_path = result_dir / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
     del config["overwrite"]  # what to do with an existing result, not how to compute one
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -214,7 +221,6 @@ def run(cfg) -> Path:
         "config": config,
         "packages": artifacts.package_versions(),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out_path, result)
     shutil.rmtree(partial)
     ci = report["ppl_ci"] or [float("nan")] * 2

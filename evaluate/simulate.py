@@ -46,9 +46,13 @@ def check_same_config(output_dir: Path, config_yaml: str) -> None:
 
 
 def run(cfg) -> Path:
+    """Simulate into `cfg.output_dir`, holding its lock: one simulation per output directory."""
+    with artifacts.owned_directory(cfg.output_dir, "simulate") as output_dir:
+        return simulate(cfg, output_dir)
+
+
+def simulate(cfg, output_dir: Path) -> Path:
     # ---- config and what is already done ---------------------------------------------------------
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     run_config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "progress"])
     config_yaml = OmegaConf.to_yaml(run_config, resolve=True)
     check_same_config(output_dir, config_yaml)

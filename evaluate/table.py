@@ -15,15 +15,17 @@ from pathlib import Path
 import hydra
 
 import evaluate.config  # noqa: F401  (registers the config schemas)
+from data_prep import artifacts
 from evaluate.tables import to_markdown, write_table
 
 
 def run(cfg) -> list[Path]:
     written = []
-    for name in cfg.tables:
-        table = importlib.import_module(f"evaluate.tables.{name}").build(cfg[name])
-        written += write_table(table, Path(cfg.output_dir))
-        print(to_markdown(table))
+    with artifacts.owned_directory(cfg.output_dir, "table") as output_dir:
+        for name in cfg.tables:
+            table = importlib.import_module(f"evaluate.tables.{name}").build(cfg[name])
+            written += write_table(table, output_dir)
+            print(to_markdown(table))
     print("wrote " + ", ".join(map(str, written)))
     return written
 

@@ -256,7 +256,8 @@ def run(cfg) -> Path:
     # ---- save: complete HF weights, tokenizer, generation config, model card ----------------------
     state_dict = accelerator.get_state_dict(model)  # gathered from every process under ZeRO-3
     if main:
-        with artifacts.atomic_directory(output_dir / "model") as tmp:
+        with artifacts.output_lock(output_dir, "train"), \
+                artifacts.atomic_directory(output_dir / "model", "train") as tmp:
             written = save_model(unwrapped, state_dict, tokenizer, cfg.generation, tmp)
             manifest = json.loads((data_dir / "manifest.json").read_text())
             final = {"steps": total_steps, **(last_eval or {})}
