@@ -19,6 +19,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
+from data_prep import artifacts
 from tests.conftest import REPO
 from train.metrics import MetricsLog
 
@@ -207,3 +208,68 @@ def test_rerun_after_the_kill_resumes_from_the_newest_complete_checkpoint(killed
     steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))
     assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+# ---- output_dir: one training at a time, and never among someone else's files --------------------
+
+def test_an_output_dir_holding_a_users_file_is_refused_before_training(tiny_assets, tiny_data, tmp_path):
+    from tests.conftest import compose_config
+    from train.run import run
+    output_dir = tmp_path / "thesis"
+    output_dir.mkdir()
+    (output_dir / "thesis.txt").write_text("four years of work")
+    cfg = compose_config("train", ["output_dir=" + str(output_dir), "train.max_steps=1",
+                                   *tiny_overrides(tiny_assets, tiny_data)])
+    with pytest.raises(FileExistsError, match=f"{output_dir} is not empty and holds files that no stage"):
+        run(cfg)
+    assert sorted(p.name for p in output_dir.iterdir()) == ["thesis.txt"]
+    assert (output_dir / "thesis.txt").read_text() == "four years of work"
+
+
+def test_a_model_dir_of_someone_elses_files_is_refused_before_training(tiny_assets, tiny_data, tmp_path):
+    """output_dir is train's own (a resume), but model/ holds a user's files: refused at the start,
+    not after hours of training."""
+    from tests.conftest import compose_config
+    from train.run import run
+    output_dir = tmp_path / "train"
+    (output_dir / "model").mkdir(parents=True)
+    (output_dir / ".userlm-stage").write_text("train\n")
+    (output_dir / "model" / "weights.bin").write_text("mine")
+    cfg = compose_config("train", ["output_dir=" + str(output_dir), "train.max_steps=1",
+                                   *tiny_overrides(tiny_assets, tiny_data)])
+    with pytest.raises(FileExistsError, match=f"{output_dir / 'model'} is not empty"):
+        run(cfg)
+    assert sorted(p.name for p in output_dir.rglob("*")) == [".userlm-stage", "model", "weights.bin"]
+
+
+@pytest.mark.slow
+def test_a_second_training_on_the_same_output_dir_fails_at_once_and_the_first_finishes(
+        tiny_assets, tiny_data, tmp_path):
+    output_dir = tmp_path / "shared"
+    first_steps = ("data.packing=false", "train.global_batch_size=8", "train.micro_batch_size=2",
+                   "train.max_steps=150", "train.eval_every=0", "train.save_every=50")
+    command, env = launch_command(output_dir, tiny_overrides(tiny_assets, tiny_data, *first_steps))
+    with open(tmp_path / "first.log", "w") as log_file:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        lock = tmp_path / ".shared.lock"
+        wait_for(lambda: (lock.exists() and "train, pid" in lock.read_text()) or first.poll() is not None, 300,
+                 "the first training to take the lock")
+        started = time.monotonic()
+        # The same training again, marked (wandb.name is bookkeeping) to find its processes afterwards.
+        second_log = launch(output_dir, tiny_overrides(tiny_assets, tiny_data, *first_steps, "wandb.name=second"),
+                            expect_success=False)
+        seconds = time.monotonic() - started
+        assert first.poll() is None, "the first training ended before the second could race it: make it longer"
+        assert f"{output_dir} is being written by another run (train, pid " in second_log
+        assert "run: 2 processes" not in second_log  # the second never trained
+        assert seconds < 120, seconds
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if "wandb.name=second" in " ".join(p.info["cmdline"] or [])]
+        assert not leftovers, "the failed launch left processes behind"
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 151))
+    assert artifacts.is_complete(output_dir / "model")

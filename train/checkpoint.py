@@ -5,8 +5,9 @@ model and optimiser shards (one per process; resuming needs the same number of p
 RNG states of every process and the registered learning-rate scheduler; plus train_state.json
 (the step, which is the data position: train.data.Plan turns it back into the next batch) and a
 COMPLETED marker written last, which lists every file of the checkpoint with its size. A
-checkpoint is written under a temporary name and renamed when complete, so a killed run never
-leaves a half checkpoint that looks finished. All processes must see the same filesystem.
+checkpoint is written under a temporary name unique to the run and renamed when complete, so a
+killed run never leaves a half checkpoint that looks finished, and two runs never share a
+temporary (train/run.py also holds output_dir's lock). All processes must see the same filesystem.
 
 A checkpoint is complete when every file its marker lists is there with the recorded size.
 `train.resume=auto` resumes from the newest complete one and warns about each newer one it skips
@@ -27,6 +28,9 @@ import re
 import shutil
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
+from data_prep import artifacts
 from data_prep.artifacts import COMPLETED, write_json
 
 log = logging.getLogger(__name__)
@@ -111,22 +115,28 @@ def mark_complete(directory: Path) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, train_state: dict, keep: int) -> Path:
-    """Every process saves its shards; the main process then marks, renames and prunes."""
+    """Every process saves its shards into a temporary directory named uniquely for this run (rank 0
+    draws the name); the main process then marks, renames and prunes. A failed save removes its own
+    temporary; a killed one leaves `.step_XXXXXXXX.incomplete-<pid>-<random>`, which no run removes."""
     final = checkpoint_dir(output_dir, step)
-    partial = final.with_name(final.name + ".incomplete")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(partial / "train_state.json", train_state)
-        mark_complete(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+    main = accelerator.is_main_process
+    partial = Path(broadcast_object_list([str(artifacts._temporary_name(final, "incomplete")) if main else None])[0])
+    try:
+        if main:
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if main:
+            write_json(partial / "train_state.json", train_state)
+            mark_complete(partial)
+            shutil.rmtree(final, ignore_errors=True)  # an earlier one of this step (damaged, skipped at resume)
+            os.replace(partial, final)
+            for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old)
+    finally:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -87,6 +87,19 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 
 def run(cfg) -> Path:
+    """Train, with output_dir this run's alone: rank 0 holds its lock for the whole run and claims it
+    (a second run on it, or a folder of someone else's files, fails at once), before the Accelerator
+    exists, so a refusal stops the launch before any process group or training starts (torchrun
+    then tears the other ranks down)."""
+    output_dir = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train_model(cfg)
+    with artifacts.owned_directory(output_dir, "train"):
+        artifacts.check_replaceable(output_dir / "model", "train")  # refused now, not after training
+        return train_model(cfg)
+
+
+def train_model(cfg) -> Path:
     # ---- setup: batch arithmetic, DeepSpeed config, accelerator ------------------------------------
     output_dir, data_dir = Path(cfg.output_dir), Path(cfg.data.path)
     fingerprint = training_fingerprint(cfg, data_dir)
@@ -256,8 +269,7 @@ def run(cfg) -> Path:
     # ---- save: complete HF weights, tokenizer, generation config, model card ----------------------
     state_dict = accelerator.get_state_dict(model)  # gathered from every process under ZeRO-3
     if main:
-        with artifacts.output_lock(output_dir, "train"), \
-                artifacts.atomic_directory(output_dir / "model", "train") as tmp:
+        with artifacts.atomic_directory(output_dir / "model", "train") as tmp:  # under run()'s lock
             written = save_model(unwrapped, state_dict, tokenizer, cfg.generation, tmp)
             manifest = json.loads((data_dir / "manifest.json").read_text())
             final = {"steps": total_steps, **(last_eval or {})}
