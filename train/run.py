@@ -13,8 +13,13 @@
 Reads data_prep's output (train and validation examples, its tokenizer); trains all parameters with
 AdamW under DeepSpeed (ZeRO-3 by default) with the loss normalised per target token over the whole
 global batch; evaluates validation loss/perplexity every N steps; checkpoints every M steps; and
-exports the final model as complete HF safetensors. In `output_dir` (written by rank 0 only):
-    config.yaml  run_info.json  metrics.jsonl  wandb/  checkpoints/step_XXXXXXXX/
+exports the final model as complete HF safetensors. Rank 0 holds output_dir's lock for the whole
+run (a second training on it fails at once, naming the holder) and refuses an output_dir, or a
+model/ in it, holding files that training did not write, before any training starts. Workers die
+with their launcher (a `kill -9` of `accelerate launch` stops the run). In `output_dir` (written
+by rank 0 only):
+    .userlm-stage (marks the folder as train's)  config.yaml  run_info.json  metrics.jsonl  wandb/
+    checkpoints/step_XXXXXXXX/
     model/       safetensors, config.json, generation_config.json (EOS <|eot_id|>), tokenizer files
                  with the chat template, README.md (model card: config, data manifest, metrics)
 """
