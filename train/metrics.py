@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
+
+from data_prep import artifacts
+from data_prep.intents.store import jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,11 @@ def training_flops(matmul_params: int, layers: int, hidden: int, tokens: int, sq
 class MetricsLog:
     """Appends one JSON line per event to <output_dir>/metrics.jsonl and mirrors it to wandb.
 
-    On resume the lines after the checkpoint's step are dropped first, so the file never holds two
-    different values for one step.
+    Each line is handed to the operating system as it is written (a kill loses at most that line);
+    `sync` puts the file on disk, and runs before every checkpoint, so a checkpoint never refers to
+    metrics that a power cut could lose. On resume the lines after the checkpoint's step are dropped
+    first, so the file never holds two different values for one step; a torn last line (a write cut
+    short by a kill) is dropped with a warning, like the intents store's.
     """
 
     def __init__(self, output_dir: Path, resume_step: int, wandb_cfg, config: dict, enabled: bool):
@@ -57,9 +64,9 @@ class MetricsLog:
             return
         if self.path.exists():
             # Keep what the checkpoint's steps logged; a fresh start (step 0) logs everything anew.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if resume_step and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for _, row in jsonl_rows(self.path) if row is not None and row["step"] <= resume_step] \
+                if resume_step else []
+            artifacts.write_text(self.path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         if wandb_cfg.mode != "disabled":
             import wandb
             (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
@@ -74,6 +81,17 @@ class MetricsLog:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def sync(self) -> None:
+        """Put every line written so far on disk (fsync)."""
+        if not self.enabled or not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
+        self.sync()
         if self.wandb_run is not None:
             self.wandb_run.finish()

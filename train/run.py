@@ -13,8 +13,13 @@
 Reads data_prep's output (train and validation examples, its tokenizer); trains all parameters with
 AdamW under DeepSpeed (ZeRO-3 by default) with the loss normalised per target token over the whole
 global batch; evaluates validation loss/perplexity every N steps; checkpoints every M steps; and
-exports the final model as complete HF safetensors. In `output_dir` (written by rank 0 only):
-    config.yaml  run_info.json  metrics.jsonl  wandb/  checkpoints/step_XXXXXXXX/
+exports the final model as complete HF safetensors. Rank 0 holds output_dir's lock for the whole
+run (a second training on it fails at once, naming the holder) and refuses an output_dir, or a
+model/ in it, holding files that training did not write, before any training starts. Workers die
+with their launcher (a `kill -9` of `accelerate launch` stops the run). In `output_dir` (written
+by rank 0 only):
+    .userlm-stage (marks the folder as train's)  config.yaml  run_info.json  metrics.jsonl  wandb/
+    checkpoints/step_XXXXXXXX/
     model/       safetensors, config.json, generation_config.json (EOS <|eot_id|>), tokenizer files
                  with the chat template, README.md (model card: config, data manifest, metrics)
 """
@@ -29,6 +34,30 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this worker when its launcher (the accelerate/torchrun process that
+    started it: its parent) dies, even by SIGKILL. The launcher puts each worker in its own session,
+    so without this a `kill -9` of the launcher leaves the workers training to the end and exporting
+    model/, beside any rerun. SIGKILL, not SIGTERM: a library's handler cannot swallow it, and
+    nothing is lost (checkpoints are renamed into place whole; metrics lines are single writes).
+    Linux only (prctl); elsewhere a killed launcher's workers still run on."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
+
+
+if __name__ == "__main__" and "LOCAL_RANK" in os.environ:  # started by a launcher, before the slow imports
+    die_with_launcher()
 
 # `accelerate launch train/run.py` runs this file as a script, which puts train/ first on sys.path;
 # the repository root must be there instead (so `train` is this package, and train/*.py never
@@ -49,7 +78,7 @@ from tqdm import tqdm  # noqa: E402
 import train.config  # noqa: E402,F401  (registers the config schema)
 from data_prep import artifacts  # noqa: E402
 from data_prep.chat_format import IGNORE_INDEX  # noqa: E402
-from train.checkpoint import find_resume_point, load_checkpoint, save_checkpoint  # noqa: E402
+from train.checkpoint import find_resume_point, load_checkpoint, read_train_state, save_checkpoint  # noqa: E402
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402
 from train.metrics import MetricsLog, peak_flops_per_device, training_flops  # noqa: E402
 from train.model import (check_tokenizer_matches_model, load_model, load_tokenizer, model_card,  # noqa: E402
@@ -63,6 +92,19 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 
 def run(cfg) -> Path:
+    """Train, with output_dir this run's alone: rank 0 holds its lock for the whole run and claims it
+    (a second run on it, or a folder of someone else's files, fails at once), before the Accelerator
+    exists, so a refusal stops the launch before any process group or training starts (torchrun
+    then tears the other ranks down)."""
+    output_dir = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train_model(cfg)
+    with artifacts.owned_directory(output_dir, "train"):
+        artifacts.check_replaceable(output_dir / "model", "train")  # refused now, not after training
+        return train_model(cfg)
+
+
+def train_model(cfg) -> Path:
     # ---- setup: batch arithmetic, DeepSpeed config, accelerator ------------------------------------
     output_dir, data_dir = Path(cfg.output_dir), Path(cfg.data.path)
     fingerprint = training_fingerprint(cfg, data_dir)
@@ -146,7 +188,7 @@ def run(cfg) -> Path:
     resume_from = find_resume_point(output_dir, cfg.train.resume)
     start_step = 0
     if resume_from is not None:
-        state = json.loads((resume_from / "train_state.json").read_text())
+        state = read_train_state(resume_from)
         if state["plan_fingerprint"] != plan.fingerprint() or state["training_fingerprint"] != fingerprint:
             raise ValueError(f"{resume_from} was written with other data or training settings "
                              f"(plan {state['plan_fingerprint']} != {plan.fingerprint()} or training "
@@ -224,6 +266,7 @@ def run(cfg) -> Path:
         if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
             last_eval = evaluate(step + 1)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total_steps:
+            metrics.sync()  # a checkpoint never refers to metrics that are not on disk
             save_checkpoint(accelerator, output_dir, step + 1, {"step": step + 1, "plan_fingerprint": plan.fingerprint(),
                                                                 "training_fingerprint": fingerprint},
                             cfg.train.save_total_limit)
@@ -231,8 +274,7 @@ def run(cfg) -> Path:
     # ---- save: complete HF weights, tokenizer, generation config, model card ----------------------
     state_dict = accelerator.get_state_dict(model)  # gathered from every process under ZeRO-3
     if main:
-        with artifacts.output_lock(output_dir, "train"), \
-                artifacts.atomic_directory(output_dir / "model", "train") as tmp:
+        with artifacts.atomic_directory(output_dir / "model", "train") as tmp:  # under run()'s lock
             written = save_model(unwrapped, state_dict, tokenizer, cfg.generation, tmp)
             manifest = json.loads((data_dir / "manifest.json").read_text())
             final = {"steps": total_steps, **(last_eval or {})}
