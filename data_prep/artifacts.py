@@ -65,7 +65,7 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
-def _temporary_name(path: Path, tag: str) -> Path:
+def temporary_name(path: Path, tag: str) -> Path:
     """A sibling name unique to this process and call: two runs never share a temporary path, and a
     run removes only the temporaries it made."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
@@ -79,7 +79,7 @@ def write_json(path: Path, obj) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write text atomically (temp file + rename)."""
     path = Path(path)
-    tmp = _temporary_name(path, "tmp")
+    tmp = temporary_name(path, "tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -203,14 +203,14 @@ def atomic_directory(directory: Path, stage: str, *, overwrite: bool = False, in
     _require_lock(directory)
     check_replaceable(directory, stage, overwrite, inputs)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(directory, "incomplete")
+    tmp = temporary_name(directory, "incomplete")
     tmp.mkdir()
     try:
         (tmp / STAGE_FILE).write_text(stage + "\n", encoding="utf-8")
         yield tmp
         (tmp / COMPLETED).write_text("")
         if directory.exists():
-            backup = _temporary_name(directory, "replaced")
+            backup = temporary_name(directory, "replaced")
             os.replace(directory, backup)
             os.replace(tmp, directory)
             shutil.rmtree(backup)

@@ -120,7 +120,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, train_state: dict,
     temporary; a killed one leaves `.step_XXXXXXXX.incomplete-<pid>-<random>`, which no run removes."""
     final = checkpoint_dir(output_dir, step)
     main = accelerator.is_main_process
-    partial = Path(broadcast_object_list([str(artifacts._temporary_name(final, "incomplete")) if main else None])[0])
+    partial = Path(broadcast_object_list([str(artifacts.temporary_name(final, "incomplete")) if main else None])[0])
     try:
         if main:
             partial.mkdir(parents=True)
