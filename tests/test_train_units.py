@@ -20,7 +20,8 @@ from train.optim import deepspeed_config, warmup_cosine
 
 
 def model_cfg(tiny_assets):
-    return OmegaConf.create({"name_or_path": str(tiny_assets / "model"), "revision": None, "trust_remote_code": False})
+    return OmegaConf.create({"name_or_path": str(tiny_assets / "model"), "revision": None, "trust_remote_code": False,
+                             "loss_chunk_tokens": 100})
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "paper"])

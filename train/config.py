@@ -30,6 +30,7 @@ class ModelConfig:
     precision: str = MISSING                  # auto | bf16 | fp32
     attn_implementation: str = MISSING        # auto | sdpa | eager | flash_attention_2
     gradient_checkpointing: str = MISSING     # auto | true | false
+    loss_chunk_tokens: Optional[int] = MISSING  # tokens per pass through the output layer + loss (null: all at once)
 
 
 @dataclass

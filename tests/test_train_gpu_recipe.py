@@ -1,0 +1,103 @@
+"""The GPU recipe checked on CPU: flash-attention on packed micro batches (emulated kernels), the
+chunked loss, padding positions, and the recipe's configs (DeepSpeed JSONs, presets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers.masking_utils import find_packed_sequence_indices
+
+from data_prep.chat_format import IGNORE_INDEX
+from tests import flash_emulation
+from train.data import collate, load_split, make_rows
+from train.model import load_model, load_tokenizer, token_losses
+
+
+def model_cfg(tiny_assets, loss_chunk_tokens):
+    return OmegaConf.create({"name_or_path": str(tiny_assets / "model"), "revision": None, "trust_remote_code": False,
+                             "loss_chunk_tokens": loss_chunk_tokens})
+
+
+def packed_micro_batch(split, rows_wanted: int) -> list[list[int]]:
+    """`rows_wanted` packed rows of 512 tokens, each holding at least two examples."""
+    rows = [row for row in make_rows(split.lengths, 512, packing=True) if len(row) >= 2]
+    assert len(rows) >= rows_wanted
+    return rows[:rows_wanted]
+
+
+def test_flash_attention_keeps_packed_examples_apart_at_micro_batch_4(tiny_assets, tiny_data):
+    """Under flash_attention_2 (flash-attn's kernels emulated exactly, transformers' dispatch as is),
+    every example of a packed micro batch of 4 rows gets the losses it gets scored alone."""
+    tokenizer = load_tokenizer(tiny_data)
+    model = load_model(model_cfg(tiny_assets, 1024), tokenizer, torch.float32, "sdpa").eval()
+    model.config._attn_implementation = "flash_attention_2"  # what load_model asks for on a GPU with flash-attn
+    split = load_split(tiny_data, "train", None, 512)
+    rows = packed_micro_batch(split, 4)
+    with flash_emulation.installed(), torch.no_grad():
+        losses = token_losses(model, collate(split, rows, tokenizer.pad_token_id, 512))
+        assert flash_emulation.CALLS["flash_attn_varlen_func"] > 0  # the per-example (variable-length) kernel ran
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = int(split.lengths[i])
+                alone = token_losses(model, collate(split, [[i]], tokenizer.pad_token_id, 512))[0, :n]
+                torch.testing.assert_close(losses[r, at:at + n], alone, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m: f"row {r}, example {i}: {m}")
+                at += n
+
+
+def test_emulated_flash_kernels_equal_sdpa(tiny_assets, tiny_data):
+    """The control: the emulation is the same attention as sdpa's (so the test above tests packing)."""
+    tokenizer = load_tokenizer(tiny_data)
+    model = load_model(model_cfg(tiny_assets, 1024), tokenizer, torch.float32, "sdpa").eval()
+    split = load_split(tiny_data, "train", None, 512)
+    batch = collate(split, packed_micro_batch(split, 2), tokenizer.pad_token_id, 512)
+    with torch.no_grad():
+        reference = token_losses(model, batch)
+        model.config._attn_implementation = "flash_attention_2"
+        with flash_emulation.installed():
+            flash = token_losses(model, batch)
+            assert flash_emulation.CALLS["flash_attn_varlen_func"] > 0
+    torch.testing.assert_close(flash, reference, atol=1e-5, rtol=1e-5)
+
+
+def full_logits_losses(model, batch) -> torch.Tensor:
+    """The loss as transformers' own forward computes it: all logits at once, then fp32 cross-entropy."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="none").view_as(batch["targets"])
+
+
+@pytest.mark.parametrize("chunk", [None, 1024, 100, 1])
+def test_chunked_loss_and_gradients_equal_the_full_ones(tiny_assets, tiny_data, chunk):
+    """Per-token losses and every parameter's gradient, chunked through the output layer or not,
+    equal those of the full logits (fp32); a ragged last chunk (100) and one token a chunk included."""
+    tokenizer = load_tokenizer(tiny_data)
+    split = load_split(tiny_data, "train", None, 512)
+    batch = collate(split, packed_micro_batch(split, 3) + [[]], tokenizer.pad_token_id, 512)  # + an empty row
+    results = []
+    for loss_fn in (full_logits_losses, token_losses):
+        torch.manual_seed(0)
+        model = load_model(model_cfg(tiny_assets, chunk), tokenizer, torch.float32, "sdpa")
+        losses = loss_fn(model, batch)
+        (losses.sum() / 1000).backward()
+        results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    assert (chunked[batch["targets"] == IGNORE_INDEX] == 0).all()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-7, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_padding_continues_the_last_examples_positions(tiny_data):
+    """Unpacked rows with padding read as one sequence each (sdpa keeps its mask-free kernel)."""
+    split = load_split(tiny_data, "train", None, 512)
+    rows = [[i] for i in range(4)]
+    batch = collate(split, rows, pad_id=7, max_seq_len=512)
+    assert find_packed_sequence_indices(batch["position_ids"]) is None
+    n = int(split.lengths[0])
+    assert batch["position_ids"][0].tolist() == list(range(batch["position_ids"].shape[1]))
+    assert (batch["targets"][0, n - 1:] == IGNORE_INDEX).all()
+    packed = collate(split, packed_micro_batch(split, 2), pad_id=7, max_seq_len=512)
+    assert find_packed_sequence_indices(packed["position_ids"]) is not None
