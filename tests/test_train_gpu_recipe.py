@@ -8,10 +8,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers.masking_utils import find_packed_sequence_indices
 
+import train.config  # noqa: F401  (registers the train schema)
 from data_prep.chat_format import IGNORE_INDEX
 from tests import flash_emulation
-from train.data import collate, load_split, make_rows
+from tests.conftest import REPO, compose_config
+from train.data import batch_arithmetic, collate, load_split, make_rows
 from train.model import load_model, load_tokenizer, token_losses
+from train.optim import deepspeed_config
 
 
 def model_cfg(tiny_assets, loss_chunk_tokens):
@@ -101,3 +104,60 @@ def test_padding_continues_the_last_examples_positions(tiny_data):
     assert (batch["targets"][0, n - 1:] == IGNORE_INDEX).all()
     packed = collate(split, packed_micro_batch(split, 2), pad_id=7, max_seq_len=512)
     assert find_packed_sequence_indices(packed["position_ids"]) is not None
+
+
+def test_export_is_sharded_and_complete(tiny_assets, tiny_data, tmp_path, monkeypatch):
+    """An 8B exports in 5 GB shards; here a tiny shard size makes the tiny model's export several."""
+    import train.model
+    from train.model import save_model
+    monkeypatch.setattr(train.model, "EXPORT_SHARD_SIZE", "300KB")
+    tokenizer = load_tokenizer(tiny_data)
+    model = load_model(model_cfg(tiny_assets, 1024), tokenizer, torch.float32, "sdpa")
+    generation = OmegaConf.create({"do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    written = save_model(model, model.state_dict(), tokenizer, generation, tmp_path)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert written == sum(p.numel() for p in model.parameters())
+
+
+def test_grad_accum_dtype_is_a_recipe_choice(tmp_path):
+    arithmetic = batch_arithmetic(64, 2, 4, False)
+    for path in sorted((REPO / "conf/deepspeed").glob("*.json")):  # every shipped JSON takes it
+        config = deepspeed_config(path, arithmetic, 1.0, bf16=True, grad_accum_dtype="fp32")
+        assert config["data_types"]["grad_accum_dtype"] == "fp32", path
+    zero3 = REPO / "conf/deepspeed/zero3.json"
+    assert deepspeed_config(zero3, arithmetic, 1.0, True, "bf16")["data_types"]["grad_accum_dtype"] == "bf16"
+    assert deepspeed_config(zero3, arithmetic, 1.0, False, "bf16")["data_types"]["grad_accum_dtype"] == "fp32"
+    with pytest.raises(ValueError, match="expected one of fp32, bf16"):
+        deepspeed_config(zero3, arithmetic, 1.0, True, "fp16")
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text('{"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(ValueError, match="disagrees with train.grad_accum_dtype"):
+        deepspeed_config(fixed, arithmetic, 1.0, True, "fp32")
+    assert compose_config("train", ["experiment=paper"]).train.grad_accum_dtype == "fp32"
+
+
+@pytest.mark.parametrize("preset, deepspeed, micro", [("paper_4x48gb", "zero3.json", 4), ("paper_8x80gb", "zero2.json", 2),
+                                                      ("paper_1x80gb", "zero3_offload_optimizer.json", 8)])
+def test_hardware_presets_are_the_paper_run_with_their_settings(preset, deepspeed, micro):
+    cfg, paper = compose_config("train", [f"experiment={preset}"]), compose_config("train", ["experiment=paper"])
+    assert cfg.deepspeed == f"conf/deepspeed/{deepspeed}" and cfg.train.micro_batch_size == micro
+    assert (cfg.data, cfg.optimizer, cfg.train.global_batch_size) == (paper.data, paper.optimizer, 1024)
+
+
+def test_peak_table_knows_each_card_by_its_own_name():
+    from train.metrics import peak_bf16_tflops
+    names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100 PCIe": 756.0,
+             "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA GH200 480GB": 989.0, "NVIDIA A10G": 70.0,
+             "NVIDIA A10": 125.0, "NVIDIA RTX A6000": 154.8, "NVIDIA A100-SXM4-80GB": 312.0, "Tesla T4": None}
+    assert {name: peak_bf16_tflops(name) for name in names} == names
+
+
+def test_run_sets_a_long_collective_timeout_and_expandable_segments():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", "import os, train.run as r; "
+                          "print(os.environ['PYTORCH_CUDA_ALLOC_CONF'], r.COLLECTIVE_TIMEOUT.total_seconds())"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    assert out[0] == "expandable_segments:True" and float(out[1]) >= 3600

@@ -57,6 +57,7 @@ class TrainConfig:
     save_total_limit: int = MISSING           # checkpoints kept (older ones deleted)
     resume: Optional[str] = MISSING           # auto | null | <checkpoint dir>
     peak_tflops: Optional[float] = MISSING    # per-device peak for the MFU estimate (null: by GPU name)
+    grad_accum_dtype: str = MISSING           # fp32 | bf16: dtype ZeRO accumulates micro-step gradients in
 
 
 @dataclass

@@ -256,8 +256,12 @@ def generation_config(model, tokenizer, generation_cfg) -> GenerationConfig:
         temperature=generation_cfg.temperature, top_p=generation_cfg.top_p)
 
 
+EXPORT_SHARD_SIZE = "5GB"  # an 8B exports as 4 safetensors shards + index (not one 16 GB file)
+
+
 def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Path) -> int:
-    """Write complete HF safetensors, tokenizer (chat template) and configs into `directory`.
+    """Write complete HF safetensors (in shards of EXPORT_SHARD_SIZE), tokenizer (chat template)
+    and configs into `directory`.
 
     `state_dict` is the full one (accelerator.get_state_dict gathers it from ZeRO-3 partitions);
     the count of parameters written is checked against the model's own, so a partitioned stub can
@@ -265,7 +269,7 @@ def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Pa
     """
     model.config.use_cache = True
     model.generation_config = generation_config(model, tokenizer, generation_cfg)
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
     tokenizer.save_pretrained(directory)
     expected = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     written = count_saved_parameters(directory)
