@@ -1,4 +1,10 @@
-"""The model side of training: tokenizer checks, model loading, embedding resize, export.
+"""The model side of training: tokenizer checks, model loading, embedding resize, the per-token
+loss, export.
+
+The loss runs inside the model's forward (enable_token_losses): through the output layer in
+chunks of `model.loss_chunk_tokens` tokens (TokenLossHead; no full [tokens, vocab] logits, ZeRO-3
+safe), and under flash-attention on the micro batch flattened into one row (transformers keeps
+packed examples apart with flash-attention only for a batch of one row).
 
 The tokenizer is the one data_prep wrote beside its examples (`<data>/tokenizer`): the token ids in
 the data were made with it, so training must use it, and the model must agree with it.
