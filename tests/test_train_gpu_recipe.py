@@ -161,3 +161,22 @@ def test_run_sets_a_long_collective_timeout_and_expandable_segments():
                           "print(os.environ['PYTORCH_CUDA_ALLOC_CONF'], r.COLLECTIVE_TIMEOUT.total_seconds())"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True).stdout.split()
     assert out[0] == "expandable_segments:True" and float(out[1]) >= 3600
+
+
+def test_chunked_loss_never_holds_the_whole_logits(tiny_assets, tiny_data):
+    """Peak memory of the loss's forward + backward (real CPU tensors, every allocation counted):
+    chunks of 100 tokens stay well below the full path, which holds [tokens, vocab] fp32 tensors."""
+    from benchmarks.train_memory import AllocationTracker
+    tokenizer = load_tokenizer(tiny_data)
+    split = load_split(tiny_data, "train", None, 512)
+    batch = collate(split, packed_micro_batch(split, 4), tokenizer.pad_token_id, 512)
+    peaks = {}
+    for chunk in (None, 100):
+        model = load_model(model_cfg(tiny_assets, chunk), tokenizer, torch.float32, "sdpa")
+        for parameter in model.parameters():  # as ZeRO does: gradients leave once reduced
+            parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        with AllocationTracker([*model.parameters(), *model.buffers()]) as tracker:
+            token_losses(model, batch).sum().backward()
+        peaks[chunk] = tracker.peak
+    logits_fp32 = batch["targets"].numel() * len(tokenizer) * 4
+    assert peaks[100] < peaks[None] - 2 * logits_fp32, (peaks, logits_fp32)
