@@ -20,7 +20,8 @@ from train.optim import deepspeed_config, warmup_cosine
 
 
 def model_cfg(tiny_assets):
-    return OmegaConf.create({"name_or_path": str(tiny_assets / "model"), "revision": None, "trust_remote_code": False})
+    return OmegaConf.create({"name_or_path": str(tiny_assets / "model"), "revision": None, "trust_remote_code": False,
+                             "loss_chunk_tokens": 100})
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "paper"])
@@ -156,14 +157,15 @@ def test_warmup_then_cosine():
 
 def test_deepspeed_json_autos_are_filled_from_our_config(tmp_path):
     arithmetic = batch_arithmetic(64, 2, 4, False)
-    config = deepspeed_config(REPO / "conf/deepspeed/zero3.json", arithmetic, 1.0, bf16=False)
+    config = deepspeed_config(REPO / "conf/deepspeed/zero3.json", arithmetic, 1.0, bf16=False,
+                              grad_accum_dtype="fp32")
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"], config["gradient_clipping"]) == (64, 2, 8, 1.0)
     assert config["bf16"]["enabled"] is False and config["zero_optimization"]["stage"] == 3
     fixed = tmp_path / "fixed.json"
     fixed.write_text('{"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}')
     with pytest.raises(ValueError, match='gradient_accumulation_steps=4 disagrees'):
-        deepspeed_config(fixed, arithmetic, 1.0, bf16=False)
+        deepspeed_config(fixed, arithmetic, 1.0, bf16=False, grad_accum_dtype="fp32")
 
 
 def test_training_fingerprint_follows_data_and_recipe_not_bookkeeping(tmp_path):

@@ -30,6 +30,7 @@ class ModelConfig:
     precision: str = MISSING                  # auto | bf16 | fp32
     attn_implementation: str = MISSING        # auto | sdpa | eager | flash_attention_2
     gradient_checkpointing: str = MISSING     # auto | true | false
+    loss_chunk_tokens: Optional[int] = MISSING  # tokens per pass through the output layer + loss (null: all at once)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     save_total_limit: int = MISSING           # checkpoints kept (older ones deleted)
     resume: Optional[str] = MISSING           # auto | null | <checkpoint dir>
     peak_tflops: Optional[float] = MISSING    # per-device peak for the MFU estimate (null: by GPU name)
+    grad_accum_dtype: str = MISSING           # fp32 | bf16: dtype ZeRO accumulates micro-step gradients in
 
 
 @dataclass

@@ -5,7 +5,8 @@ A *row* is a list of example indices whose tokens sit side by side in one sequen
 position ids (0, 1, ...), which is all the model needs to keep examples apart: with no attention
 mask, transformers builds a block-diagonal causal mask from position ids that restart
 (masking_utils.find_packed_sequence_indices; tests/test_train_units.py checks the losses), and
-flash-attention uses them for its variable-length kernel. Targets are shifted inside each example,
+flash-attention uses them for its variable-length kernel once train.model has flattened the micro
+batch's rows into one (tests/test_train_gpu_recipe.py). Targets are shifted inside each example,
 so no token is ever trained to predict the next example's first token.
 
 Every process builds the same plan from the same lengths and seed, so each knows the whole global
@@ -223,7 +224,10 @@ def collate(split: Split, rows, pad_id: int, max_seq_len: int) -> dict[str, torc
 
     targets[t] is the token that position t must predict (IGNORE_INDEX where nothing is trained):
     labels shifted by one *inside each example*, so an example's last position predicts nothing.
-    Padding sits at the end of a row with its own positions 0, 1, ... (a separate block).
+    Padding sits at the end of a row and continues the positions of the row's last example: a row
+    of one example and padding then reads as one sequence, so sdpa keeps its mask-free causal
+    kernel for unpacked micro batches (restarting positions would make every padded row look
+    packed); the padding's own attention is never trained on.
     """
     indices = [int(i) for row in rows for i in row]
     fetched = split.examples[indices] if indices else {"input_ids": [], "labels": []}
@@ -241,5 +245,6 @@ def collate(split: Split, rows, pad_id: int, max_seq_len: int) -> dict[str, torc
             position_ids[r, at:at + n] = torch.arange(n)
             targets[r, at:at + n - 1] = torch.tensor(labels[1:])
             at += n
-        position_ids[r, at:] = torch.arange(width - at)
+        last = n if row else 0  # positions of the last example, or of nothing
+        position_ids[r, at:] = torch.arange(last, last + width - at)
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}

@@ -17,9 +17,13 @@ from data_prep.intents.store import jsonl_rows
 log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name(); the first
-# match wins, so the more specific names come first. train.peak_tflops overrides.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("A6000", 154.8), ("A10", 125.0))
+# match wins, so the more specific names come first (H100 NVL before H100, A10G before A10). NVL
+# cards are the lower-power PCIe forms (NVIDIA datasheets: 1,671 TFLOP/s with sparsity, half dense).
+# A10G (AWS's variant of the A10) has no NVIDIA datasheet: 70 is the figure usually quoted for it.
+# train.peak_tflops overrides.
+PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200 NVL", 835.0),
+                    ("GH200", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A6000", 154.8),
+                    ("A10G", 70.0), ("A10", 125.0))
 
 
 def peak_flops_per_device(override_tflops: float | None) -> float | None:
@@ -29,11 +33,16 @@ def peak_flops_per_device(override_tflops: float | None) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    log.warning("no peak FLOP/s known for %r: set train.peak_tflops for an MFU estimate", name)
-    return None
+    tflops = peak_bf16_tflops(name)
+    if tflops is None:
+        log.warning("no peak FLOP/s known for %r: set train.peak_tflops for an MFU estimate", name)
+        return None
+    return tflops * 1e12
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The table's peak for a device name (torch.cuda.get_device_name()), or None."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def training_flops(matmul_params: int, layers: int, hidden: int, tokens: int, squared_lengths: int) -> float:

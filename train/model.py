@@ -1,4 +1,10 @@
-"""The model side of training: tokenizer checks, model loading, embedding resize, export.
+"""The model side of training: tokenizer checks, model loading, embedding resize, the per-token
+loss, export.
+
+The loss runs inside the model's forward (enable_token_losses): through the output layer in
+chunks of `model.loss_chunk_tokens` tokens (TokenLossHead; no full [tokens, vocab] logits, ZeRO-3
+safe), and under flash-attention on the micro batch flattened into one row (transformers keeps
+packed examples apart with flash-attention only for a batch of one row).
 
 The tokenizer is the one data_prep wrote beside its examples (`<data>/tokenizer`): the token ids in
 the data were made with it, so training must use it, and the model must agree with it.
@@ -7,6 +13,7 @@ the data were made with it, so training must use it, and the model must agree wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -17,6 +24,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_flash_attn_2_available
+from transformers.utils.generic import is_flash_attention_requested
 
 from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX
 
@@ -127,20 +135,124 @@ def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: st
     model.config.eos_token_id, model.config.pad_token_id = eot, pad
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eot, pad
     model.config.use_cache = False  # training; the export turns it back on
+    enable_token_losses(model, model_cfg.loss_chunk_tokens)
     return model
+
+
+class _ChunkedTokenLosses(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T` against `targets`, `chunk` tokens at a time.
+
+    No [tokens, vocab] tensor is kept between forward and backward: the backward pass recomputes
+    each chunk's logits (one extra output-layer matmul) and forms d loss / d logits = (softmax -
+    one-hot) x the incoming gradient chunk by chunk. The arithmetic of every chunk is the full
+    path's (logits in the weight's dtype, softmax in fp32, the logit gradient cast back before the
+    matmuls), so the two agree to float rounding; the weight gradient is summed over chunks in the
+    weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        losses = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(targets), chunk):
+            logits = torch.nn.functional.linear(hidden[start:start + chunk], weight)
+            losses[start:start + chunk] = torch.nn.functional.cross_entropy(
+                logits.float(), targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="none")
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, len(targets), ctx.chunk):
+            h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
+            grad_logits = torch.softmax(torch.nn.functional.linear(h, weight).float(), dim=-1)
+            trained = t != IGNORE_INDEX
+            # - one-hot of the target where there is one; no data-dependent shapes (no device sync)
+            grad_logits.scatter_add_(1, t.where(trained, 0)[:, None], -trained.to(grad_logits.dtype)[:, None])
+            grad_logits *= (grad_losses[start:start + ctx.chunk] * trained)[:, None]
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:start + ctx.chunk])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h)
+        return grad_hidden, grad_weight, None, None
+
+
+class TokenLossHead(torch.nn.Linear):
+    """The model's output layer (lm_head), which can also return per-token losses.
+
+    `head(hidden)` gives logits as before (generation, export); `head(hidden, targets)` gives the
+    cross-entropy of every position against its target (0 where IGNORE_INDEX), computed inside this
+    module's forward so that under ZeRO-3 DeepSpeed's hooks have gathered the weight (a partitioned
+    shard outside it) and gather it again for the backward pass. `loss_chunk_tokens` tokens go
+    through the layer at a time, so the [tokens, vocab] logits (and their fp32 copies) are never
+    materialised in full; None computes them whole, as transformers' own forward does.
+    """
+
+    loss_chunk_tokens: int | None = None
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if self.loss_chunk_tokens is None:
+            logits = super().forward(hidden)
+            losses = torch.nn.functional.cross_entropy(logits.float(), flat_targets, ignore_index=IGNORE_INDEX,
+                                                       reduction="none")
+        else:
+            losses = _ChunkedTokenLosses.apply(hidden, self.weight, flat_targets, self.loss_chunk_tokens)
+        return losses.view(targets.shape)
+
+
+def enable_token_losses(model, loss_chunk_tokens: int | None) -> None:
+    """Let `model(input_ids=, position_ids=, targets=)` return per-token losses (see token_losses).
+
+    The output layer becomes a TokenLossHead (same parameter, same state-dict key), and the
+    model's forward gains `targets`: given them, it runs the decoder and the head's loss in place
+    of the logits; without them it is the model's own forward. Both live inside the model's
+    forward so a DeepSpeed engine wrapping the model calls them with its hooks in place.
+    """
+    if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+        raise ValueError(f"model.loss_chunk_tokens={loss_chunk_tokens}: expected a positive token count or null")
+    head = model.get_output_embeddings()
+    head.__class__ = TokenLossHead  # an nn.Linear subclass: the weight, its key and ZeRO-3 state stay as they are
+    head.loss_chunk_tokens = loss_chunk_tokens
+    model_forward = type(model).forward
+
+    @functools.wraps(model_forward)
+    def forward(*args, targets=None, **kwargs):
+        if targets is None:
+            return model_forward(model, *args, **kwargs)
+        return _token_losses_forward(model, targets=targets, **kwargs)
+
+    model.forward = forward
+
+
+def _token_losses_forward(model, input_ids, position_ids, targets) -> torch.Tensor:
+    shape = targets.shape
+    if is_flash_attention_requested(model.config):
+        # transformers runs flash-attention's variable-length kernel (one causal block per
+        # example, from position ids that restart) only for a batch of one row; a batch of
+        # several packed rows would get one causal block per row, letting each example attend to
+        # the ones packed before it. One row of all the micro batch's rows keeps examples apart.
+        input_ids, position_ids, targets = (t.reshape(1, -1) for t in (input_ids, position_ids, targets))
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden, targets).view(shape)
 
 
 def token_losses(model, batch: dict) -> torch.Tensor:
     """Cross-entropy of every position against its (already shifted) target; 0 where none.
 
+    `model` is one prepared by load_model (enable_token_losses), bare or inside a DeepSpeed engine.
     No attention mask is passed, on purpose: with restarting position_ids and no mask (and no
-    cache) transformers builds the block-diagonal causal mask of packed rows; right padding needs
-    no mask under causal attention.
+    cache) transformers builds the block-diagonal causal mask of packed rows (sdpa, eager), or
+    runs flash-attention's variable-length kernel on the rows flattened into one; right padding
+    needs no mask under causal attention.
     """
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view_as(batch["targets"])
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"])
 
 
 def generation_config(model, tokenizer, generation_cfg) -> GenerationConfig:
@@ -150,8 +262,12 @@ def generation_config(model, tokenizer, generation_cfg) -> GenerationConfig:
         temperature=generation_cfg.temperature, top_p=generation_cfg.top_p)
 
 
+EXPORT_SHARD_SIZE = "5GB"  # an 8B exports as 4 safetensors shards + index (not one 16 GB file)
+
+
 def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Path) -> int:
-    """Write complete HF safetensors, tokenizer (chat template) and configs into `directory`.
+    """Write complete HF safetensors (in shards of EXPORT_SHARD_SIZE), tokenizer (chat template)
+    and configs into `directory`.
 
     `state_dict` is the full one (accelerator.get_state_dict gathers it from ZeRO-3 partitions);
     the count of parameters written is checked against the model's own, so a partitioned stub can
@@ -159,7 +275,7 @@ def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Pa
     """
     model.config.use_cache = True
     model.generation_config = generation_config(model, tokenizer, generation_cfg)
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
     tokenizer.save_pretrained(directory)
     expected = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     written = count_saved_parameters(directory)

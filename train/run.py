@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -65,6 +66,13 @@ if __name__ == "__main__" and "LOCAL_RANK" in os.environ:  # started by a launch
 REPO = Path(__file__).resolve().parents[1]
 if Path(sys.path[0]).resolve() == REPO / "train":
     sys.path[0] = str(REPO)
+# Padding to each micro batch's longest row changes tensor shapes every step: expandable segments
+# keep the CUDA caching allocator from fragmenting (read at CUDA's first use; a value set outside wins).
+if "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# Rank 0 alone writes the 16 GB export and deletes old checkpoints (~112 GB for an 8B) while the
+# others wait in a collective: NCCL's default 10 minutes can run out on a slow filesystem.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 import deepspeed  # noqa: E402
 import hydra  # noqa: E402
@@ -121,13 +129,14 @@ def train_model(cfg) -> Path:
                                   cfg.train.round_global_batch)
     dtype = resolve_precision(cfg.model.precision)
     ds_path = Path(cfg.deepspeed) if Path(cfg.deepspeed).is_absolute() else REPO / cfg.deepspeed
-    ds_config = deepspeed_config(ds_path, arithmetic, cfg.optimizer.max_grad_norm, bf16=dtype == torch.bfloat16)
+    ds_config = deepspeed_config(ds_path, arithmetic, cfg.optimizer.max_grad_norm, bf16=dtype == torch.bfloat16,
+                                 grad_accum_dtype=cfg.train.grad_accum_dtype)
     zero_stage = ds_config["zero_optimization"]["stage"]
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=zero_stage == 3),
         mixed_precision="bf16" if dtype == torch.bfloat16 else "no", gradient_accumulation_steps=arithmetic.accumulation,
         # Without an explicit gloo backend on CPU, accelerate's DeepSpeed path mis-sizes the batch.
-        kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo")])
+        kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if on_gpu else "gloo", timeout=COLLECTIVE_TIMEOUT)])
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"WORLD_SIZE={world_size} but accelerate started {accelerator.num_processes} processes")
     main = accelerator.is_main_process
@@ -179,10 +188,12 @@ def train_model(cfg) -> Path:
              "deepspeed_zero_stage": model.zero_optimization_stage(), "device": str(accelerator.device),
              "dtype": str(dtype).removeprefix("torch."), "attention": attention, "gradient_checkpointing": checkpointing,
              "parameters": n_params, "global_batch_size": arithmetic.global_batch_size,
-             "micro_batch_size": arithmetic.micro_batch_size, "gradient_accumulation": arithmetic.accumulation}
+             "micro_batch_size": arithmetic.micro_batch_size, "gradient_accumulation": arithmetic.accumulation,
+             "grad_accum_dtype": ds_config["data_types"]["grad_accum_dtype"]}
     log.info("run: %d processes, backend %s, DeepSpeed engine ZeRO stage %d, %s, %s attention, "
-             "gradient checkpointing %s, %d parameters", setup["processes"], setup["backend"],
-             setup["deepspeed_zero_stage"], setup["dtype"], attention, checkpointing, n_params)
+             "gradient checkpointing %s, %d parameters, gradients accumulated in %s", setup["processes"],
+             setup["backend"], setup["deepspeed_zero_stage"], setup["dtype"], attention, checkpointing, n_params,
+             setup["grad_accum_dtype"])
 
     # ---- resume, outputs ----------------------------------------------------------------------
     resume_from = find_resume_point(output_dir, cfg.train.resume)
