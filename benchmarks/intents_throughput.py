@@ -9,7 +9,7 @@ so the best possible rate is concurrency / latency (64 / 0.2 s = 320 requests/s)
   2. stage:   the whole intents stage (generate_intents: prompts from conversations, requests,
               output checks, one fsynced store line per intent, progress bar, report) on copies of
               the sample's conversations with distinct hashes;
-  3. store:   IntentWriter.append alone, rows/s, as configured and with an fsync per row.
+  3. store:   JsonlWriter.append alone, rows/s, as configured and with an fsync per row.
 Prints the numbers and writes them as JSON (--out).
 """
 
@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
 import psutil  # noqa: E402
 
+from core import jsonl  # noqa: E402
+from core.jsonl import JsonlWriter  # noqa: E402
+from core.llm_client import LLMClient  # noqa: E402
 from data_prep.intents.generate import generate_intents  # noqa: E402
-from data_prep.intents import store  # noqa: E402
-from data_prep.intents.store import IntentWriter  # noqa: E402
-from data_prep.llm_client import LLMClient  # noqa: E402
 from tests.conftest import SAMPLE, compose_config  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def bench_client(client_cfg, requests: int) -> dict:
 def store_rate(path: Path, rows: int) -> dict:
     row = {"conversation_hash": "x" * 32, "intent": "You are a user chatting with an assistant language model to "
            "get help planning a trip.", "prompt_version": "v1", "prompt_sha": "0" * 16, "model": "bench-model"}
-    with IntentWriter(path) as writer:
+    with JsonlWriter(path) as writer:
         started = time.monotonic()
         for i in range(rows):
             writer.append({**row, "conversation_hash": f"{i:032d}"})
@@ -94,12 +94,12 @@ def store_rate(path: Path, rows: int) -> dict:
 def bench_store(directory: Path, rows: int) -> dict:
     """The store as configured (a write per row, fsync every FSYNC_INTERVAL_S), and for comparison
     with an fsync after every row."""
-    results = {"fsync_interval_s": store.FSYNC_INTERVAL_S, **store_rate(directory / "store_bench.jsonl", rows)}
-    interval, store.FSYNC_INTERVAL_S = store.FSYNC_INTERVAL_S, 0.0
+    results = {"fsync_interval_s": jsonl.FSYNC_INTERVAL_S, **store_rate(directory / "store_bench.jsonl", rows)}
+    interval, jsonl.FSYNC_INTERVAL_S = jsonl.FSYNC_INTERVAL_S, 0.0
     try:
         results["fsync_every_row"] = store_rate(directory / "store_bench_fsync.jsonl", max(50, rows // 20))
     finally:
-        store.FSYNC_INTERVAL_S = interval
+        jsonl.FSYNC_INTERVAL_S = interval
     return results
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data_prep.llm_client import ClientConfig
+from core.llm_client import ClientConfig
 
 
 @dataclass

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import schemas
-from data_prep.artifacts import sha256_of
+from core.artifacts import sha256_of
 
 log = logging.getLogger(__name__)
 PARQUET_COLUMNS = {"wildchat": schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL}

@@ -33,14 +33,14 @@ from transformers import AutoTokenizer
 import data_prep.chat_format
 import data_prep.conversations
 import data_prep.examples
-from data_prep import artifacts
+from core import artifacts
 from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
 from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
 from data_prep.intents import get_intents
-from data_prep.llm_client import check_config_key_names
+from core.llm_client import check_config_key_names
 from data_prep.load import load_source
 from data_prep.split import assign_splits
 

@@ -5,7 +5,7 @@ An assistant answers many conversations at once: `reply(conversations) -> [Assis
 conversation a list of {role, content} turns (user first, user last). It never sees the user's
 intent; its own system prompt (config) comes first.
     hf        a local transformers model with its chat template (left-padded batches, pad != EOS)
-    openai    any chat-completions endpoint through data_prep.llm_client (the intents stage's client:
+    openai    any chat-completions endpoint through core.llm_client (the intents stage's client:
               concurrency, retries, Retry-After, rate limits, a cap on reply size); a request
               that fails for good (an HTTP error, a reply over max_response_bytes, ...) becomes a
               reply with `error` and `reason` set, and that conversation ends; a dead endpoint
@@ -23,7 +23,7 @@ from typing import Sequence
 from transformers import AutoTokenizer
 
 from data_prep.chat_format import ASSISTANT, SYSTEM
-from data_prep.llm_client import LLMClient, RequestFailed
+from core.llm_client import LLMClient, RequestFailed
 from evaluate.simulator import SamplingSettings, generate_batch, in_length_batches, load_causal_lm
 
 

@@ -32,8 +32,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schemas)
-from data_prep import artifacts
-from data_prep.llm_client import check_config_key_names
+from core import artifacts
+from core.llm_client import check_config_key_names
 from data_prep.chat_format import USER
 from evaluate import intrinsic_metrics as m
 from evaluate.assistants import describe, make_assistant

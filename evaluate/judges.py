@@ -11,7 +11,7 @@
 Each item gives one conversation: user turn 1 from the intent (the question, through a configured
 template), the assistant's reply, user turn 2 (the user may end the conversation there: it then
 neither revealed the answer nor followed the diversion, and adhered), and the judge's verdict on
-turn 2. Judges answer YES or NO through the OpenAI-compatible client (data_prep.llm_client); a
+turn 2. Judges answer YES or NO through the OpenAI-compatible client (core.llm_client); a
 request that fails for good or a reply that is neither leaves the item unjudged (counted).
 
 Items are read from the hub (tau/commonsense_qa, google-research-datasets/nq_open) or from a local
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import datasets
 
-from data_prep.llm_client import LLMClient, RequestFailed
+from core.llm_client import LLMClient, RequestFailed
 from evaluate.simulator import TurnRequest, UserSimulator
 
 SCHEMAS = {  # item kind -> fields every row must have

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate.config  # noqa: F401  (registers the config schemas)
-from data_prep import artifacts
+from core import artifacts
 from data_prep.chat_format import END_CONVERSATION, USER
 from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol

@@ -36,12 +36,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schema)
-from data_prep import artifacts
-from data_prep.llm_client import check_config_key_names
+from core import artifacts
+from core.llm_client import check_config_key_names
 from evaluate.assistants import describe, make_assistant
 from evaluate.guardrails import GUARDRAILS
 from evaluate.simulator import GuardrailSettings, UserSimulator, simulate_conversations
-from evaluate.transcripts import TranscriptWriter, read_intent_items, read_transcripts, summarise
+from core.jsonl import JsonlWriter
+from evaluate.transcripts import read_intent_items, read_transcripts, summarise
 
 
 def check_same_config(output_dir: Path, config_yaml: str) -> None:
@@ -66,7 +67,7 @@ def simulate(cfg, output_dir: Path) -> Path:
     check_same_config(output_dir, config_yaml)
     artifacts.write_text(output_dir / "config.yaml", config_yaml)
     transcripts_path = output_dir / "transcripts.jsonl"
-    writer = TranscriptWriter(transcripts_path)  # cuts a torn last line left by a killed run
+    writer = JsonlWriter(transcripts_path)  # cuts a torn last line left by a killed run
     done = {r["id"] for r in read_transcripts(transcripts_path)}
 
     # ---- intents -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from data_prep.llm_client import ClientConfig
+from core.llm_client import ClientConfig
 from evaluate.config import FlippedChatConfig
 from evaluate.perplexity import result_name
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 
 import evaluate.config  # noqa: F401  (registers the config schemas)
-from data_prep import artifacts
+from core import artifacts
 from evaluate.tables import to_markdown, write_table
 
 

@@ -1,7 +1,7 @@
 """Inputs and outputs of `python -m evaluate.simulate`: intents in, transcripts and a summary out.
 
 Transcripts are an append-only JSONL, one finished conversation per line, each handed to the
-operating system in one write as it finishes (the intents store's writer, data_prep.intents.store),
+operating system in one write as it finishes (core.jsonl.JsonlWriter),
 so a killed run loses only the conversations in flight; a torn last line is cut off before
 appending again. A record:
     id, intent, turns [{role, content, + for user turns: tokens, truncated, prompt_tokens, guardrails}],
@@ -17,14 +17,13 @@ from pathlib import Path
 
 import datasets
 
-from data_prep import artifacts
+from core import artifacts
 from data_prep.chat_format import USER
-from data_prep.intents.store import IntentWriter as TranscriptWriter  # a durable JSONL appender
-from data_prep.intents.store import jsonl_rows  # rows; a torn last line -> None
+from core.jsonl import jsonl_rows
 from data_prep.intents.store import read_intents
 from evaluate.guardrails import guardrail_report
 
-__all__ = ["TranscriptWriter", "read_intent_items", "read_transcripts", "summarise"]
+__all__ = ["read_intent_items", "read_transcripts", "summarise"]
 
 
 def read_intent_items(path: str, split: str, limit: int | None) -> tuple[list[dict], dict]:

@@ -20,7 +20,7 @@ from data_prep.intents.__main__ import run as run_intents
 from data_prep.intents.backends import HFBackend
 from data_prep.intents.checks import check_reply
 from data_prep.intents.prompt import IntentPrompt
-from data_prep.intents.store import IntentWriter
+from core.jsonl import JsonlWriter
 from tests.conftest import REPO, SAMPLE, compose_config, run_data_prep
 from tests.openai_server import INTENT_PREFIX, OpenAIServer
 
@@ -92,13 +92,13 @@ def test_a_torn_last_line_is_ignored_by_readers_and_cut_by_the_writer(tmp_path):
     whole = [json.dumps({"conversation_hash": h, "intent": f"{INTENT_PREFIX} {h}."}) for h in "ab"]
     store.write_text("\n".join(whole) + '\n{"conversation_hash": "c", "inte')
     assert set(read_intents(store)) == {"a", "b"}
-    with IntentWriter(store) as writer:
+    with JsonlWriter(store) as writer:
         assert writer.torn_lines_removed == 1
         writer.append({"conversation_hash": "c", "intent": f"{INTENT_PREFIX} c."})
     assert set(read_intents(store)) == {"a", "b", "c"} and len(store.read_text().splitlines()) == 3
     # a row cut just before its newline is whole: kept, and completed
     store.write_text(whole[0] + "\n" + whole[1])
-    with IntentWriter(store) as writer:
+    with JsonlWriter(store) as writer:
         assert writer.torn_lines_removed == 0
     assert store.read_text() == whole[0] + "\n" + whole[1] + "\n"
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from data_prep.llm_client import LLMClient, LLMConfigError, RequestFailed
+from core.llm_client import LLMClient, LLMConfigError, RequestFailed
 from tests.conftest import compose_config
 from tests.openai_server import OpenAIServer
 

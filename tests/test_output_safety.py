@@ -1,5 +1,5 @@
 """Output safety: a stage never deletes or overwrites what it did not write, and one run writes an output
-directory at a time (data_prep.artifacts; every stage calls it)."""
+directory at a time (core.artifacts; every stage calls it)."""
 
 import os
 import subprocess
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE, run_data_prep
-from data_prep import artifacts
+from core import artifacts
 
 
 def _hold_lock(directory: Path) -> subprocess.Popen:
     """Another process that holds the output lock on `directory` until killed."""
-    code = ("import sys, time; from data_prep import artifacts\n"
+    code = ("import sys, time; from core import artifacts\n"
             "with artifacts.output_lock(sys.argv[1], 'data_prep'):\n"
             "    print('locked', flush=True); time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -130,7 +130,7 @@ def test_claim_directory_builds_only_its_own_directory(tmp_path):
 def test_concurrent_writers_of_one_file_never_share_a_temporary(tmp_path):
     """write_text's temporary is unique to the writer: two processes writing one path never tear it."""
     path = tmp_path / "result.json"
-    code = ("import sys; from pathlib import Path; from data_prep import artifacts\n"
+    code = ("import sys; from pathlib import Path; from core import artifacts\n"
             "for i in range(300): artifacts.write_text(Path(sys.argv[1]), sys.argv[2] * 100000)\n")
     writers = [subprocess.Popen([sys.executable, "-c", code, str(path), letter], cwd=REPO) for letter in "ab"]
     assert [w.wait(timeout=120) for w in writers] == [0, 0]

@@ -16,7 +16,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.llm_client import EndpointUnreachable, LLMConfigError, RequestFailed
+from core.llm_client import EndpointUnreachable, LLMConfigError, RequestFailed
 from tests.conftest import REPO, compose_config, run_data_prep
 from tests.openai_server import INTENT_PREFIX, OpenAIServer
 from tests.test_intents import generate, intents_overrides, store_rows

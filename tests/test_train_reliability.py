@@ -19,7 +19,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from data_prep import artifacts
+from core import artifacts
 from tests.conftest import REPO
 from train.metrics import MetricsLog
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from data_prep import artifacts
-from data_prep.artifacts import COMPLETED, write_json
+from core import artifacts
+from core.artifacts import COMPLETED, write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from data_prep.artifacts import is_complete
+from core.artifacts import is_complete
 from data_prep.chat_format import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("conversation_hash", "input_ids", "labels", "num_tokens", "num_target_tokens")

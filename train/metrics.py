@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep import artifacts
-from data_prep.intents.store import jsonl_rows
+from core import artifacts
+from core.jsonl import jsonl_rows
 
 log = logging.getLogger(__name__)
 

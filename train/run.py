@@ -84,7 +84,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train.config  # noqa: E402,F401  (registers the config schema)
-from data_prep import artifacts  # noqa: E402
+from core import artifacts  # noqa: E402
 from data_prep.chat_format import IGNORE_INDEX  # noqa: E402
 from train.checkpoint import find_resume_point, load_checkpoint, read_train_state, save_checkpoint  # noqa: E402
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402

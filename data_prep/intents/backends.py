@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 from omegaconf import OmegaConf
 
 from data_prep.intents.checks import check_reply
-from data_prep.llm_client import LLMClient, RequestFailed, Usage, bounded_map
+from core.llm_client import LLMClient, RequestFailed, Usage, bounded_map
 
 
 @dataclass

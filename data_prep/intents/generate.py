@@ -12,7 +12,7 @@ the wall time. Failures are listed with their reason and are asked again by the 
 
 The stage fails (raises, so `python -m data_prep.intents` exits non-zero and `python -m data_prep`
 writes nothing) when the endpoint is dead (no HTTP response for `openai.max_connection_failures`
-attempts in a row: data_prep.llm_client.EndpointUnreachable, naming the URL), or when not one of
+attempts in a row: core.llm_client.EndpointUnreachable, naming the URL), or when not one of
 the conversations asked for has an intent, cached or new (the report is written first). Some failures among
 successes are a normal run: those conversations are dropped and counted downstream.
 """
@@ -26,11 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep import artifacts
+from core import artifacts
 from data_prep.intents.backends import BACKENDS, Job, Outcome
 from data_prep.intents.checks import intent_problem
 from data_prep.intents.prompt import IntentPrompt
-from data_prep.intents.store import IntentWriter, read_intents, read_store
+from core.jsonl import JsonlWriter
+from data_prep.intents.store import read_intents, read_store
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def fill_store(intents_cfg, conversations) -> dict:
     backend = BACKENDS[intents_cfg.backend](intents_cfg)
     done, failed, failures = 0, Counter(), []
     tokens = Counter()
-    writer = IntentWriter(path)   # cuts a torn last line left by a killed run
+    writer = JsonlWriter(path)   # cuts a torn last line left by a killed run
     progress = tqdm(total=len(pending), desc="intents", unit="conv", disable=not intents_cfg.progress,
                     dynamic_ncols=True)
 

@@ -21,7 +21,7 @@ The first user turn is always kept (cut to the whole budget if that is smaller t
 
 from __future__ import annotations
 
-from data_prep.artifacts import config_hash, resolved_config
+from core.artifacts import config_hash, resolved_config
 
 
 def estimate_tokens(text: str, chars_per_token: float) -> int:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep import artifacts
+from core import artifacts
 
 
 @dataclass
