@@ -19,8 +19,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from core import runtime
 from evaluate.metrics import summary
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
@@ -35,9 +36,8 @@ def load_model(name: str, dtype: torch.dtype, device: str):
     if name == "random-1b":
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model.to(device).eval()
+        return model.to(device).eval()
+    return runtime.load_causal_lm(name, dtype, device)
 
 
 def synchronize(device: str) -> None:
@@ -50,15 +50,16 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("outputs/tiny/data/wildchat"))
     parser.add_argument("--split", default="train", help="the sample's train split: the most conversations")
     parser.add_argument("--model", default="outputs/tiny/model", help="a model directory, or random-1b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu (core.runtime)")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (core.runtime)")
     parser.add_argument("--limit", type=int, default=None, help="first N conversations (a quick check)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--max-tokens-per-batch", type=int, default=16384)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/ppl_throughput-<model>-<device>.json")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    args.device = str(runtime.resolve_device(args.device))
+    dtype = runtime.resolve_dtype(args.dtype, args.device)
 
     conversations = datasets.load_from_disk(str(args.data_dir / "conversations" / args.split)).to_list()[:args.limit]
     tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")

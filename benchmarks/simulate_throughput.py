@@ -26,6 +26,7 @@ import torch
 from transformers import AutoTokenizer
 
 from benchmarks.ppl_throughput import load_model, synchronize  # the same models as the perplexity benchmark
+from core import runtime
 from evaluate.assistants import ScriptedAssistant
 from evaluate.protocols import make_protocol
 from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator, simulate_conversations
@@ -54,8 +55,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("outputs/tiny/data/wildchat"),
                         help="data_prep output: its tokenizer and its intents")
     parser.add_argument("--model", default="outputs/tiny/model", help="a model directory, or random-1b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu (core.runtime)")
+    parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (core.runtime)")
     parser.add_argument("--conversations", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--turns", type=int, default=3)
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/simulate_throughput-<model>-<device>.json")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    args.device = str(runtime.resolve_device(args.device))
+    dtype = runtime.resolve_dtype(args.dtype, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -4,7 +4,8 @@ or a fixed script.
 An assistant answers many conversations at once: `reply(conversations) -> [AssistantReply]`, each
 conversation a list of {role, content} turns (user first, user last). It never sees the user's
 intent; its own system prompt (config) comes first.
-    hf        a local transformers model with its chat template (left-padded batches, pad != EOS)
+    hf        a local transformers model with its chat template (core.runtime: stop tokens, a pad that
+              is never one, left-padded batches); `stop_tokens` replaces the runtime's stop set
     openai    any chat-completions endpoint through core.llm_client (the intents stage's client:
               concurrency, retries, Retry-After, rate limits, a cap on reply size); a request
               that fails for good (an HTTP error, a reply over max_response_bytes, ...) becomes a
@@ -20,11 +21,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Sequence
 
-from transformers import AutoTokenizer
-
+from core import runtime
 from data_prep.chat_format import ASSISTANT, SYSTEM
 from core.llm_client import LLMClient, RequestFailed
-from evaluate.simulator import SamplingSettings, generate_batch, in_length_batches, load_causal_lm
+from evaluate.simulator import SamplingSettings
 
 
 @dataclass
@@ -52,20 +52,13 @@ class HFAssistant:
         """cfg: assistant.hf (name_or_path, chat_template, pad_token, stop_tokens, dtype, device,
         batch_size, trust_remote_code) with assistant.sampling."""
         hf = cfg.hf
-        tokenizer = AutoTokenizer.from_pretrained(hf.name_or_path, trust_remote_code=hf.trust_remote_code)
+        tokenizer = runtime.load_tokenizer(hf.name_or_path, trust_remote_code=hf.trust_remote_code)
         if hf.chat_template:
             tokenizer.chat_template = hf.chat_template
-        model = load_causal_lm(hf.name_or_path, hf.dtype, hf.device, hf.trust_remote_code)
-        if hf.stop_tokens:
-            stops = [tokenizer.convert_tokens_to_ids(t) for t in hf.stop_tokens]
-        else:
-            eos = model.generation_config.eos_token_id
-            stops = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
-        pad = tokenizer.pad_token_id
-        if pad is None or pad in stops:
-            pad = tokenizer.get_vocab().get(hf.pad_token)
-            if pad is None:
-                raise ValueError(f"assistant.hf.pad_token {hf.pad_token!r} is not in {hf.name_or_path}'s vocabulary")
+        model = runtime.load_causal_lm(hf.name_or_path, hf.dtype, hf.device, trust_remote_code=hf.trust_remote_code)
+        stops = (runtime.token_ids(tokenizer, hf.stop_tokens, "assistant.hf.stop_tokens") if hf.stop_tokens
+                 else runtime.stop_token_ids(tokenizer, model))
+        pad = runtime.generation_pad_id(tokenizer, stops, hf.pad_token)
         sampling = SamplingSettings(**cfg.sampling)
         return cls(model, tokenizer, system_prompt, sampling, hf.batch_size, stops, pad)
 
@@ -75,11 +68,11 @@ class HFAssistant:
                    for turns in conversations]
 
         def generate(indices):
-            outputs = generate_batch(self.model, self.pad_token_id, [prompts[i] for i in indices],
-                                     self.stop_token_ids, self.sampling.generate_kwargs())
+            outputs = runtime.generate_batch(self.model, self.pad_token_id, [prompts[i] for i in indices],
+                                             self.stop_token_ids, self.sampling.generate_kwargs())
             return [AssistantReply(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
                     for ids, _ in outputs]
-        return in_length_batches(prompts, self.batch_size, generate)
+        return runtime.in_length_batches(prompts, self.batch_size, generate)
 
 
 class OpenAIAssistant:

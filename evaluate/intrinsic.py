@@ -29,10 +29,10 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schemas)
-from core import artifacts
+from core import artifacts, runtime
 from core.llm_client import check_config_key_names
 from data_prep.chat_format import USER
 from evaluate import intrinsic_metrics as m
@@ -69,11 +69,12 @@ def transcript_metrics(cfg, conversations: list[tuple[str, list[str]]], detector
 
 
 def load_detector(cfg):
+    """The AI-text detector and its tokenizer, in float32 (it is small, and its scores are the metric)."""
     n = cfg.naturalness
-    device = n.device if n.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(n.detector, trust_remote_code=n.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(n.detector, trust_remote_code=n.trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    tokenizer = runtime.load_tokenizer(n.detector, trust_remote_code=n.trust_remote_code)
+    model = runtime.load_model(AutoModelForSequenceClassification, n.detector, "float32", n.device,
+                               trust_remote_code=n.trust_remote_code)
+    return model, tokenizer
 
 
 def with_headlines(results: dict) -> dict:

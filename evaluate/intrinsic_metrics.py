@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.runtime import length_batches, right_padded
 from evaluate.guardrails import intent_body
-from evaluate.scoring import length_batches
 
 WORD = re.compile(r"\w+(?:'\w+)?")
 # NLTK's English stopwords, apostrophes dropped (the intent's fixed opening is removed separately).
@@ -124,12 +124,7 @@ def termination_decisions(model, protocol, conversations: Sequence[dict], max_se
     predicted, real, probability, positions, skipped = [], [], [], [], 0
     device = next(model.parameters()).device
     for batch in length_batches([len(e.input_ids) for e in examples], max_tokens_per_batch, max_batch_size):
-        width = max(len(examples[i].input_ids) for i in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, :len(examples[i].input_ids)] = torch.tensor(examples[i].input_ids)
-            mask[row, :len(examples[i].input_ids)] = 1
+        ids, mask = right_padded([examples[i].input_ids for i in batch])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for row, i in enumerate(batch):
             example, row_record = examples[i], conversations[owners[i]]

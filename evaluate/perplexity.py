@@ -33,12 +33,10 @@ from pathlib import Path
 import datasets
 import hydra
 import numpy as np
-import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate.config  # noqa: F401  (registers the config schemas)
-from core import artifacts
+from core import artifacts, runtime
 from data_prep.chat_format import END_CONVERSATION, USER
 from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol
@@ -47,7 +45,6 @@ from evaluate.scoring import score_examples
 log = logging.getLogger(__name__)
 INTENTS = ("none", "task", "generic")
 COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def result_name(model: str, protocol: str) -> str:
@@ -163,8 +160,8 @@ def score(cfg, result_dir: Path) -> Path:
     out_path = result_dir / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
     del config["overwrite"]  # what to do with an existing result, not how to compute one
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = runtime.resolve_device(cfg.device)
+    dtype = runtime.resolve_dtype(cfg.dtype, device)
 
     # ---- data --------------------------------------------------------------------------------
     conversations = datasets.load_from_disk(str(data_dir / "conversations" / cfg.split))
@@ -175,10 +172,8 @@ def score(cfg, result_dir: Path) -> Path:
         raise ValueError(f"{data_dir}/conversations/{cfg.split} has no conversations")
 
     # ---- model, tokenizer, protocol ----------------------------------------------------------
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, revision=cfg.revision,
-                                              trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype, device_map=device,
-                                                 trust_remote_code=cfg.trust_remote_code).eval()
+    tokenizer = runtime.load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    model = runtime.load_causal_lm(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
     in_vocabulary, end_handling = end_token_handling(cfg, tokenizer, model)
     protocol = make_protocol(cfg.protocol, tokenizer, end_token=end_handling, pad_token=cfg.pad_token,
                              system_prompt=cfg.flipped_chat.system_prompt,

@@ -3,8 +3,8 @@
 `score_examples` returns one NLL per target token (float64 on the host) with the example it came
 from: every metric is then a sum over tokens divided by a count of tokens (evaluate.metrics), never
 an average of per-batch means. Examples are sorted by length and packed into batches of at most
-`max_tokens_per_batch` padded tokens, right-padded (a causal model never looks right, and the
-attention mask hides the pad from nothing that is scored). Logits are upcast to float32 before the
+`max_tokens_per_batch` padded tokens, right-padded (core.runtime's length_batches and right_padded:
+a causal model never looks right, and the attention mask hides the pad from nothing that is scored). Logits are upcast to float32 before the
 log-softmax, so a bf16 model loses precision only inside the network.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.runtime import length_batches, right_padded
 from data_prep.chat_format import IGNORE_INDEX
 
 
@@ -27,22 +28,6 @@ class TokenScores:
     position: np.ndarray     # int64: position of the target token in its example
     forward_tokens: int      # real (unpadded) tokens that went through the model
     padded_tokens: int       # tokens including padding
-
-
-def length_batches(lengths: Sequence[int], max_tokens_per_batch: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches, longest first, each at most max_tokens_per_batch padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        # Sorted longest first: the batch's padded width is its first example's length.
-        width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_tokens_per_batch or len(current) == max_batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 @torch.inference_mode()
@@ -60,15 +45,9 @@ def score_examples(model, input_ids: Sequence[Sequence[int]], labels: Sequence[S
     padded = 0
     batches = length_batches(lengths, max_tokens_per_batch, max_batch_size)
     for batch in tqdm(batches, desc="score", unit="batch", disable=not progress):
-        width = max(lengths[i] for i in batch)
-        padded += width * len(batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, :lengths[i]] = torch.tensor(input_ids[i])
-            targets[row, :lengths[i]] = torch.tensor(labels[i])
-            mask[row, :lengths[i]] = 1
+        ids, mask = right_padded([input_ids[i] for i in batch])
+        targets, _ = right_padded([labels[i] for i in batch], IGNORE_INDEX)
+        padded += ids.numel()
         if (targets[:, 0] != IGNORE_INDEX).any():
             raise ValueError("an example's first token is labelled: nothing precedes it to predict it")
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits

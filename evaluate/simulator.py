@@ -15,7 +15,7 @@ conversations in one batch and asks the assistant for all replies at once; a fin
 makes room for the next one.
 
 Generation goes through a `TurnSampler` backend: `sample(prompts, forbid_end, ban_first_word) ->
-[Sample]`. `HFTurnSampler` (transformers, left-padded batches, pad != EOS) is the one here; a vLLM
+[Sample]`. `HFTurnSampler` (core.runtime's batched generation) is the one here; a vLLM
 backend implements the same method with vLLM logits processors (evaluate.guardrails holds the
 token analysis it needs). Prompts come from a prompting protocol (evaluate.protocols): `userlm`
 (UserLM-8b's format, for user LMs and base models) or `flipped_chat` (an instruct model playing the
@@ -34,9 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
-
+from core import runtime
 from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, USER
 from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
 from evaluate.protocols import make_protocol
@@ -132,46 +130,14 @@ class TurnSampler(Protocol):
 
 
 # ---- the transformers backend --------------------------------------------------------------------
-def generate_batch(model, pad_token_id: int, prompts: Sequence[Sequence[int]], stop_token_ids: Sequence[int],
-                   generate_kwargs: dict, logits_processor: LogitsProcessor | None = None
-                   ) -> list[tuple[list[int], bool]]:
-    """Generate from token-id prompts in one left-padded batch: per prompt (new ids before the stop
-    token, whether a stop token ended it). The pad token must not be a stop token."""
-    if pad_token_id is None or pad_token_id in stop_token_ids:
-        raise ValueError("generation needs a pad token that is not a stop (EOS) token")
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    processors = LogitsProcessorList([logits_processor] if logits_processor else [])
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
-                                eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id, **generate_kwargs)
-    results = []
-    for row in output[:, width:].tolist():
-        stop = next((k for k, token in enumerate(row) if token in stop_token_ids), None)
-        results.append((row[:stop], stop is not None))
-    return results
-
-
-def in_length_batches(prompts: Sequence[Sequence[int]], batch_size: int, generate) -> list:
-    """Call `generate(indices)` on batches of prompts of similar length (less padding); results in
-    the order of `prompts`."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for i, result in zip(chunk, generate(chunk)):
-            results[i] = result
-    return results
-
-
 class HFTurnSampler:
     """Batched sampling with transformers' generate, with TurnGuard installed."""
 
     def __init__(self, model, tokenizer, sampling: SamplingSettings, batch_size: int,
-                 first_words: FirstWordBan | None, end_token_id: int | None, stop_token_ids: Sequence[int]):
+                 first_words: FirstWordBan | None, end_token_id: int | None, stop_token_ids: Sequence[int],
+                 pad_token_id: int):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.batch_size = batch_size
+        self.batch_size, self.pad_token_id = batch_size, pad_token_id
         self.first_words, self.end_token_id, self.stop_token_ids = first_words, end_token_id, list(stop_token_ids)
 
     def sample(self, prompts, forbid_end, ban_first_word):
@@ -180,25 +146,14 @@ class HFTurnSampler:
             guard = TurnGuard(max(len(p) for p in batch), self.first_words if ban_first_word else None,
                               [forbid_end[i] for i in indices], self.end_token_id, self.stop_token_ids,
                               self.sampling.temperature, self.sampling.top_p if self.sampling.do_sample else 0.0)
-            outputs = generate_batch(self.model, self.tokenizer.pad_token_id, batch, self.stop_token_ids,
-                                     self.sampling.generate_kwargs(), guard)
+            outputs = runtime.generate_batch(self.model, self.pad_token_id, batch, self.stop_token_ids,
+                                             self.sampling.generate_kwargs(), guard)
             samples = []
             for (ids, stopped), record in zip(outputs, guard.records):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 samples.append(Sample(text.strip(), END_CONVERSATION in text, not stopped, len(ids), record))
             return samples
-        return in_length_batches(prompts, self.batch_size, generate)
-
-
-def load_causal_lm(name_or_path: str, dtype: str, device: str, trust_remote_code: bool):
-    """A causal LM for inference. dtype auto: bfloat16 on GPU, float32 on CPU; device auto: cuda if present."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+        return runtime.in_length_batches(prompts, self.batch_size, generate)
 
 
 def context_size(model) -> int:
@@ -211,13 +166,8 @@ def context_size(model) -> int:
 
 
 def stop_token_ids(protocol, model) -> list[int]:
-    """userlm: <|eot_id|> and <|end_of_text|>. flipped_chat: the instruct model's own EOS tokens."""
-    tokenizer = protocol.tokenizer
-    if protocol.name == "userlm":
-        return [tokenizer.convert_tokens_to_ids(t) for t in (EOT, END_OF_TEXT)]
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
+    """The runtime's stop set; userlm adds its format's turn ends, <|eot_id|> and <|end_of_text|>."""
+    return runtime.stop_token_ids(protocol.tokenizer, model, (EOT, END_OF_TEXT) if protocol.name == "userlm" else ())
 
 
 # ---- the simulator -------------------------------------------------------------------------------
@@ -231,7 +181,7 @@ class UserSimulator:
     """
 
     def __init__(self, model, protocol, sampling: SamplingSettings, guardrails: GuardrailSettings,
-                 batch_size: int = 32, sampler: TurnSampler | None = None):
+                 batch_size: int = 32, sampler: TurnSampler | None = None, pad_token: str | None = None):
         self.protocol = protocol
         self.tokenizer = protocol.tokenizer
         self.guardrails = guardrails
@@ -242,8 +192,11 @@ class UserSimulator:
         vocabulary = self.tokenizer.get_vocab()
         self.end_token_id = vocabulary.get(END_CONVERSATION) if END_CONVERSATION in vocabulary else None
         first_words = FirstWordBan(self.tokenizer, guardrails.first_words) if guardrails.first_word else None
-        self.sampler = sampler or HFTurnSampler(model, self.tokenizer, sampling, batch_size, first_words,
-                                                self.end_token_id, stop_token_ids(protocol, model))
+        if sampler is None:
+            stops = stop_token_ids(protocol, model)
+            sampler = HFTurnSampler(model, self.tokenizer, sampling, batch_size, first_words, self.end_token_id,
+                                    stops, runtime.generation_pad_id(self.tokenizer, stops, pad_token))
+        self.sampler = sampler
 
     @classmethod
     def from_config(cls, user_model, sampling, guardrails) -> "UserSimulator":
@@ -262,18 +215,17 @@ class UserSimulator:
         tokenizer for UserLM's format (and gives a base model an <|endconversation|> row);
         flipped_chat needs `flipped_chat` {system_prompt, system_prompt_with_intent, template_kwargs}
         (conf/simulate/config.yaml has the defaults)."""
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = load_causal_lm(name_or_path, dtype, device, trust_remote_code)
+        tokenizer = runtime.load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        model = runtime.load_causal_lm(name_or_path, dtype, device, trust_remote_code=trust_remote_code)
         chat = flipped_chat or {}
         prompts = make_protocol(protocol, tokenizer, end_token="token" if protocol == "userlm" else "plain_text",
                                 pad_token=pad_token, system_prompt=chat.get("system_prompt"),
                                 system_prompt_with_intent=chat.get("system_prompt_with_intent"),
                                 template_kwargs=chat.get("template_kwargs"))
-        if tokenizer.pad_token_id is None:
-            tokenizer.add_special_tokens({"pad_token": pad_token})
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))  # a base model that never saw <|endconversation|>
-        return cls(model, prompts, sampling or SamplingSettings.card(), guardrails or GuardrailSettings(), batch_size)
+        return cls(model, prompts, sampling or SamplingSettings.card(), guardrails or GuardrailSettings(), batch_size,
+                   pad_token=pad_token)
 
     def first_turn(self, intent: str | None) -> UserTurn:
         return self.generate([TurnRequest(intent, [], allow_end=False)])[0]

@@ -26,6 +26,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils.generic import is_flash_attention_requested
 
+from core import runtime
 from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ def _choice(key: str, value: str, choices: dict):
 
 
 def resolve_precision(precision: str) -> torch.dtype:
-    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return _choice("model.precision", precision, {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32})
+    """model.precision (auto | bf16 | fp32, train's YAML names, kept: they are in its fingerprint) as
+    core.runtime's dtype, on the device accelerate gives a process (cuda when present)."""
+    dtype = _choice("model.precision", precision, {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"})
+    return runtime.resolve_dtype(dtype, runtime.resolve_device("auto"))
 
 
 def resolve_gradient_checkpointing(value: str) -> bool:

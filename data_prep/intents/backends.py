@@ -131,29 +131,26 @@ class BatchedBackend:
 
 
 class HFBackend(BatchedBackend):
-    """A local transformers causal LM: left-padded batches, greedy first, sampled on retries. The
+    """A local transformers causal LM through core.runtime (its dtype and device vocabulary, stop
+    tokens, a pad that is never one, left-padded batches): greedy first, sampled on retries. The
     prompt goes through the tokenizer's chat template when it has one, else a plain-text rendering."""
 
     def __init__(self, intents_cfg):
         super().__init__(intents_cfg, intents_cfg.hf.batch_size)
         self.hf = plain(intents_cfg.hf)
         self.model = self.hf.model
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._stops = self._pad = None
 
     def describe(self) -> dict:
         return {"batch_size": self.batch_size, "device": self.hf.device, "dtype": self.hf.dtype}
 
     def load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from core import runtime
         hf = self.hf
-        self._tokenizer = AutoTokenizer.from_pretrained(hf.model, trust_remote_code=hf.trust_remote_code)
-        self._tokenizer.padding_side = "left"
-        if self._tokenizer.pad_token is None:  # generation only: pad positions are masked out
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._model = AutoModelForCausalLM.from_pretrained(hf.model, dtype=getattr(torch, hf.dtype),
-                                                           trust_remote_code=hf.trust_remote_code)
-        self._model.to(hf.device).eval()
+        self._tokenizer = runtime.load_tokenizer(hf.model, trust_remote_code=hf.trust_remote_code)
+        self._model = runtime.load_causal_lm(hf.model, hf.dtype, hf.device, trust_remote_code=hf.trust_remote_code)
+        self._stops = runtime.stop_token_ids(self._tokenizer, self._model)
+        self._pad = runtime.generation_pad_id(self._tokenizer, self._stops)
 
     def format_prompt(self, messages: list[dict]) -> str:
         if self._tokenizer.chat_template:
@@ -163,29 +160,20 @@ class HFBackend(BatchedBackend):
 
     def generate_texts(self, messages, temperature, seed):
         import torch
+        from core import runtime
         if self._model is None:
             self.load()
         tokenizer = self._tokenizer
-        prompts = [self.format_prompt(m) for m in messages]
         # A chat template writes its own BOS; plain text gets the tokenizer's special tokens.
-        batch = tokenizer(prompts, return_tensors="pt", padding=True,
-                          add_special_tokens=not tokenizer.chat_template).to(self.hf.device)
-        eos = self._model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        prompts = [tokenizer(self.format_prompt(m), add_special_tokens=not tokenizer.chat_template)["input_ids"]
+                   for m in messages]
         torch.manual_seed(seed)
-        with torch.no_grad():
-            output = self._model.generate(**batch, max_new_tokens=self.generation.max_tokens,
-                                          do_sample=temperature > 0, temperature=temperature or None,
-                                          top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        results = []
-        for prompt_tokens, row in zip(batch["attention_mask"].sum(dim=1).tolist(),
-                                      output[:, batch["input_ids"].shape[1]:].tolist()):
-            end = next((i for i, t in enumerate(row) if t in eos_ids), None)
-            new_tokens = row if end is None else row[:end]
-            results.append((tokenizer.decode(new_tokens, skip_special_tokens=True),
-                            Usage(prompt_tokens, len(new_tokens) + (end is not None)),
-                            "length" if end is None else "stop"))
-        return results
+        outputs = runtime.generate_batch(self._model, self._pad, prompts, self._stops,
+                                         {"max_new_tokens": self.generation.max_tokens, "do_sample": temperature > 0,
+                                          "temperature": temperature or None, "top_p": None, "top_k": None})
+        return [(tokenizer.decode(new_tokens, skip_special_tokens=True),
+                 Usage(len(prompt), len(new_tokens) + stopped), "stop" if stopped else "length")
+                for prompt, (new_tokens, stopped) in zip(prompts, outputs)]
 
 
 BACKENDS = {"openai": OpenAIBackend, "hf": HFBackend}
