@@ -6,11 +6,21 @@ defaults list, a schema makes every key strict: an unknown key or a wrong type f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+def result_name(model: str, protocol: str) -> str:
+    """A directory name for a model id or path: "/" -> "--", other unsafe characters -> "_".
+
+    Perplexity results and simulations are named by it (here, beside the schemas, so that composing
+    a config imports no model code)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", "--".join(p for p in model.split("/") if p not in ("", ".")))
+    return name if protocol == "userlm" else f"{name}--{protocol}"
 
 
 @dataclass

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import evaluate.config  # noqa: F401  (registers the config schemas)
+from evaluate.config import result_name  # (importing it registers the config schemas)
 from core import artifacts
 from data_prep.chat_format import END_CONVERSATION, USER
 from evaluate.metrics import perplexity_report
@@ -48,12 +47,6 @@ log = logging.getLogger(__name__)
 INTENTS = ("none", "task", "generic")
 COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def result_name(model: str, protocol: str) -> str:
-    """A directory name for a model id or path: "/" -> "--", other unsafe characters -> "_"."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", "--".join(p for p in model.split("/") if p not in ("", ".")))
-    return name if protocol == "userlm" else f"{name}--{protocol}"
 
 
 def conversation_intent(cfg, row: dict, index: int) -> str | None:

@@ -13,8 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from core.llm_client import ClientConfig
-from evaluate.config import FlippedChatConfig
-from evaluate.perplexity import result_name
+from evaluate.config import FlippedChatConfig, result_name
 
 
 @dataclass
