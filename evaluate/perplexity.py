@@ -44,7 +44,6 @@ from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
 
 log = logging.getLogger(__name__)
-INTENTS = ("none", "task", "generic")
 COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,8 +63,6 @@ def end_token_handling(cfg, tokenizer, model) -> tuple[bool, str]:
     token_id = tokenizer.get_vocab().get(END_CONVERSATION)
     rows = model.get_input_embeddings().num_embeddings
     in_vocabulary = token_id is not None and token_id < rows
-    if cfg.missing_end_token not in ("plain_text", "exclude"):
-        raise ValueError(f"missing_end_token={cfg.missing_end_token!r}: expected plain_text or exclude")
     if cfg.protocol == "userlm" and token_id is None and rows > len(tokenizer):
         log.warning("the tokenizer (%s) has no %s, but the model's embedding has %d rows past its %d tokens, "
                     "where training (train/run.py) adds that token: is this a trained user LM scored with the "
@@ -144,8 +141,6 @@ def run(cfg) -> Path:
 
 def score(cfg, result_dir: Path) -> Path:
     # ---- config ------------------------------------------------------------------------------
-    if cfg.intent not in INTENTS:
-        raise ValueError(f"intent={cfg.intent!r}: expected one of {INTENTS}")
     if cfg.dataset not in cfg.data_dirs:
         raise ValueError(f"dataset={cfg.dataset!r}: expected one of data_dirs {sorted(cfg.data_dirs)}")
     data_dir = Path(cfg.data_dirs[cfg.dataset])

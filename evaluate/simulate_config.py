@@ -1,19 +1,27 @@
 """Schemas of `python -m evaluate.simulate` and `python -m evaluate.intrinsic`: key names and types.
 
 Values live in conf/simulate/ and conf/intrinsic/ (YAML). Registered as the first entry of each
-defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition.
+defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition,
+and so does a value outside an enum field's members (`assistant.kind=hff`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from core.llm_client import ClientConfig
-from evaluate.config import FlippedChatConfig, result_name
+from evaluate.config import FlippedChatConfig, Protocol, result_name
+
+
+class AssistantKind(StrEnum):       # evaluate/assistants.py
+    hf = auto()                     # a local model with its chat template
+    openai = auto()                 # any OpenAI-compatible chat-completions endpoint
+    scripted = auto()               # fixed replies, in turn (deterministic, free)
 
 
 @dataclass
@@ -28,7 +36,7 @@ class SamplingConfig:
 @dataclass
 class UserModelConfig:
     name_or_path: str = MISSING       # hub id or local directory
-    protocol: str = MISSING           # userlm | flipped_chat
+    protocol: Protocol = MISSING
     flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
     pad_token: str = MISSING
     batch_size: int = MISSING         # turns sampled per generate call (and conversations in flight)
@@ -89,7 +97,7 @@ class ScriptedAssistantConfig:
 
 @dataclass
 class AssistantConfig:
-    kind: str = MISSING                      # hf | openai | scripted
+    kind: AssistantKind = MISSING
     system_prompt: Optional[str] = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     hf: HFAssistantConfig = field(default_factory=HFAssistantConfig)
