@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, USER
+from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, INTENT_PREFIX, USER
 from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
 from evaluate.protocols import make_protocol
 
@@ -78,7 +78,7 @@ class GuardrailSettings:
     min_words: int = 3
     max_words: int = 25
     repetition: bool = True
-    intent_prefix: str = "You are a user chatting with an assistant language model to"
+    intent_prefix: str = INTENT_PREFIX
     max_retries: int = 5           # resamples of one turn before its failure is recorded (paper: not known)
 
     @classmethod

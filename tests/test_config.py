@@ -60,3 +60,58 @@ def test_a_mode_typo_fails_at_composition(stage, override, allowed):
         compose_config(stage, [override])
     message = str(error.value.__cause__)
     assert f"Invalid value '{value}', expected one of [{allowed}]" in message and f"full_key: {key}" in message
+
+
+def resolved(stage: str, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+    cfg = compose_config(stage, [*overrides, "output_dir=out"])  # data_prep's default needs a Hydra run
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_presets_compose_to_the_values_they_state():
+    # The paper's recipe: what each paper preset sets, as the paper (or our pinned choice) says.
+    paper = resolved("data_prep", ["experiment=paper"])
+    assert (paper["tokenizer"]["name_or_path"], paper["max_seq_len"], paper["flip"]["mode"]) == \
+        ("meta-llama/Meta-Llama-3-8B", 2048, "per_turn")
+    assert paper["intents"]["openai"] == {**resolved("data_prep", [])["intents"]["openai"],
+                                          "base_url": "https://api.openai.com/v1", "model": "gpt-4o-2024-08-06",
+                                          "api_key_env": "OPENAI_API_KEY", "price_input_per_million": 2.5,
+                                          "price_output_per_million": 10.0}
+    simulate = resolved("simulate", ["experiment=paper"])
+    assert simulate["assistant"]["openai"]["model"] == "gpt-4o-2024-08-06"
+    assert (simulate["intents"]["limit"], simulate["conversation"]["max_user_turns"]) == (2000, 10)
+    assert simulate["sampling"] == {"do_sample": True, "temperature": 1.0, "top_p": 0.8, "top_k": 0,
+                                    "max_new_tokens": 64}   # UserLM-8b's model card
+    assert resolved("simulate", ["sampling=generation_config"])["sampling"]["temperature"] == 0.6
+    intrinsic = resolved("intrinsic", ["experiment=paper"])
+    assert (intrinsic["first_turns"], intrinsic["judge"]["client"]["model"]) == (2000, "gpt-4o-2024-08-06")
+    # The tiny presets: CPU-sized, on the quickstart's outputs.
+    tiny = resolved("simulate", ["experiment=tiny"])
+    assert (tiny["user_model"]["name_or_path"], tiny["assistant"]["kind"], tiny["intents"]["limit"]) == \
+        ("outputs/tiny/train/model", "hf", 8)
+    assert resolved("perplexity", ["experiment=tiny"])["max_seq_len"] == 512
+    assert resolved("data_prep", ["experiment=tiny"])["tokenizer"]["name_or_path"] == "outputs/tiny/tokenizer"
+
+
+def test_shared_settings_are_written_once():
+    from data_prep.chat_format import INTENT_PREFIX, PAD_TOKEN
+    data_prep, perplexity = resolved("data_prep", []), resolved("perplexity", [])
+    simulate, intrinsic = resolved("simulate", []), resolved("intrinsic", [])
+    # One endpoint client block (core.llm_client.ClientConfig), each stage changing only its own keys.
+    clients = [data_prep["intents"]["openai"], simulate["assistant"]["openai"], intrinsic["assistant"]["openai"],
+               intrinsic["judge"]["client"]]
+    assert clients[1] == clients[2] == clients[3] == {**clients[0], "concurrency": 32}
+    assert clients[1]["base_url"] == "http://localhost:8000/v1" and clients[1]["timeout_s"] == 120.0
+    # The constants of data_prep.chat_format, through ${chat_format:...}.
+    assert data_prep["intents"]["checks"]["require_prefix"] == simulate["guardrails"]["repetition"]["intent_prefix"] \
+        == intrinsic["intent_prefix"] == INTENT_PREFIX
+    assert perplexity["generic_intent"].startswith(INTENT_PREFIX + " ")
+    assert intrinsic["role_adherence"]["intent_template"].startswith(INTENT_PREFIX + " find out")
+    assert data_prep["tokenizer"]["pad_token"] == perplexity["pad_token"] == simulate["user_model"]["pad_token"] \
+        == simulate["assistant"]["hf"]["pad_token"] == intrinsic["assistant"]["hf"]["pad_token"] == PAD_TOKEN
+    # The flipped_chat prompts, shared by perplexity and simulate.
+    assert perplexity["flipped_chat"] == simulate["user_model"]["flipped_chat"]
+    assert perplexity["flipped_chat"]["system_prompt_with_intent"].startswith("{intent} In this chat")
+    from omegaconf.errors import InterpolationResolutionError
+    with pytest.raises(InterpolationResolutionError, match="chat_format:PAD}: expected one of INTENT_PREFIX, PAD_TOKEN"):
+        compose_config("perplexity", ["pad_token=${chat_format:PAD}"]).pad_token
