@@ -115,3 +115,14 @@ def test_shared_settings_are_written_once():
     from omegaconf.errors import InterpolationResolutionError
     with pytest.raises(InterpolationResolutionError, match="chat_format:PAD}: expected one of INTENT_PREFIX, PAD_TOKEN"):
         compose_config("perplexity", ["pad_token=${chat_format:PAD}"]).pad_token
+
+
+def test_the_simulator_api_defaults_are_the_commands():
+    # evaluate.simulator's settings classes read conf/simulate/: the importable API and
+    # `python -m evaluate.simulate` sample and guard the same way unless told otherwise.
+    from evaluate.simulator import GuardrailSettings, SamplingSettings
+    cfg = compose_config("simulate", [])
+    assert SamplingSettings() == SamplingSettings.card() == SamplingSettings(**cfg.sampling)
+    generation_config = compose_config("simulate", ["sampling=generation_config"]).sampling
+    assert SamplingSettings.generation_config() == SamplingSettings(**generation_config)
+    assert GuardrailSettings() == GuardrailSettings.from_config(cfg.guardrails)
