@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from core.llm_client import ClientConfig
+from data_prep.chat_format import PAD_TOKEN
 from evaluate.config import FlippedChatConfig, Protocol, result_name
 
 
@@ -80,14 +81,16 @@ class GuardrailsConfig:
 
 @dataclass
 class HFAssistantConfig:
-    name_or_path: Optional[str] = MISSING
-    chat_template: Optional[str] = MISSING   # null: the tokenizer's own
-    pad_token: str = MISSING                 # used when the tokenizer has no pad token distinct from EOS
-    stop_tokens: Optional[list[str]] = MISSING   # null: the model's EOS tokens
-    batch_size: int = MISSING
-    dtype: str = MISSING
-    device: str = MISSING
-    trust_remote_code: bool = MISSING
+    """A local model as the assistant; the defaults here are the one copy that simulate's
+    assistant.hf and intrinsic's assistant.hf share (each YAML lists only what it changes)."""
+    name_or_path: Optional[str] = None       # hub id or local directory
+    chat_template: Optional[str] = None      # null: the tokenizer's own
+    pad_token: str = PAD_TOKEN               # used when the tokenizer has no pad token distinct from EOS
+    stop_tokens: Optional[list[str]] = None  # null: the model's EOS tokens
+    batch_size: int = 32                     # replies per generate call
+    dtype: str = "auto"                      # auto: bfloat16 on cuda, float32 on cpu
+    device: str = "auto"
+    trust_remote_code: bool = False
 
 
 @dataclass

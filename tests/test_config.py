@@ -102,6 +102,7 @@ def test_shared_settings_are_written_once():
                intrinsic["judge"]["client"]]
     assert clients[1] == clients[2] == clients[3] == {**clients[0], "concurrency": 32}
     assert clients[1]["base_url"] == "http://localhost:8000/v1" and clients[1]["timeout_s"] == 120.0
+    assert simulate["assistant"]["hf"] == intrinsic["assistant"]["hf"]   # one HFAssistantConfig
     # The constants of data_prep.chat_format, through ${chat_format:...}.
     assert data_prep["intents"]["checks"]["require_prefix"] == simulate["guardrails"]["repetition"]["intent_prefix"] \
         == intrinsic["intent_prefix"] == INTENT_PREFIX
