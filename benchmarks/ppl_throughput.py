@@ -22,6 +22,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from core import runtime
+from data_prep.chat_format import PAD_TOKEN
 from evaluate.metrics import summary
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
@@ -66,7 +67,7 @@ def main() -> None:
     model = load_model(args.model, dtype, args.device)
     in_vocabulary = tokenizer.convert_tokens_to_ids("<|endconversation|>") < model.get_input_embeddings().num_embeddings
     protocol = make_protocol("userlm", tokenizer, end_token="token" if in_vocabulary else "plain_text",
-                             pad_token="<|reserved_special_token_0|>")
+                             pad_token=PAD_TOKEN)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {parameters:,} parameters, {dtype} on {args.device}; {len(conversations)} conversations "
           f"of {args.data_dir}/{args.split}; max_seq_len {args.max_seq_len}, {args.max_tokens_per_batch} tokens/batch")

@@ -27,13 +27,14 @@ from transformers import AutoTokenizer
 
 from benchmarks.ppl_throughput import load_model, synchronize  # the same models as the perplexity benchmark
 from core import runtime
+from data_prep.chat_format import PAD_TOKEN
 from evaluate.assistants import ScriptedAssistant
 from evaluate.protocols import make_protocol
 from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator, simulate_conversations
 
 
 def simulate(model, tokenizer, items, batch_size: int, turns: int, max_new_tokens: int, device: str) -> dict:
-    protocol = make_protocol("userlm", tokenizer, end_token="token", pad_token="<|reserved_special_token_0|>")
+    protocol = make_protocol("userlm", tokenizer, end_token="token", pad_token=PAD_TOKEN)
     simulator = UserSimulator(model, protocol, SamplingSettings(max_new_tokens=max_new_tokens),
                               GuardrailSettings(max_retries=0), batch_size)
     torch.manual_seed(0)

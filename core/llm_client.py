@@ -59,22 +59,26 @@ REDACTED = "<api key>"
 
 @dataclass
 class ClientConfig:
-    """Structured-config schema of one endpoint (values in YAML; see conf/data_prep/config.yaml)."""
-    base_url: str = MISSING                     # the endpoint's /v1 root (conf/ holds OpenAI's and vLLM's)
+    """Structured-config schema of one endpoint, and the one place its defaults are written: every
+    client block in conf/ (data_prep's intents.openai, simulate's assistant.openai, intrinsic's
+    assistant.openai and judge.client) starts from these and lists only what it changes."""
+    base_url: str = "http://localhost:8000/v1"  # the endpoint's /v1 root; this is `vllm serve <model>`'s
     model: str = MISSING
-    api_key_env: Optional[str] = MISSING        # NAME of the environment variable holding the key; null: none
-    concurrency: int = MISSING                  # requests in flight
-    timeout_s: float = MISSING                  # per attempt
-    max_retries: int = MISSING                  # retries after the first attempt
-    backoff_base_s: float = MISSING             # delay before retry k: uniform(0, min(max, base * 2**k))
-    backoff_max_s: float = MISSING
-    max_retry_after_s: float = MISSING          # cap on a server's Retry-After
-    max_connection_failures: int = MISSING      # consecutive attempts with no HTTP response: stop (unreachable)
-    max_response_bytes: int = MISSING           # a longer reply body is abandoned: response_too_large
-    requests_per_minute: Optional[float] = MISSING   # null: no limit
-    tokens_per_minute: Optional[float] = MISSING     # null: no limit
-    price_input_per_million: float = MISSING    # USD per million prompt tokens, for the cost estimate
-    price_output_per_million: float = MISSING
+    api_key_env: Optional[str] = None           # NAME of the environment variable holding the key (e.g.
+                                                # OPENAI_API_KEY); null: none
+    concurrency: int = 32                       # requests in flight
+    timeout_s: float = 120.0                    # per attempt
+    max_retries: int = 6                        # retries after the first attempt
+    backoff_base_s: float = 1.0                 # delay before retry k: uniform(0, min(max, base * 2**k))
+    backoff_max_s: float = 60.0
+    max_retry_after_s: float = 300.0            # cap on a server's Retry-After
+    max_connection_failures: int = 20           # consecutive attempts with no HTTP response: the endpoint
+                                                # is down, stop (EndpointUnreachable)
+    max_response_bytes: int = 4 * 1024 * 1024   # a longer reply body is abandoned unread: response_too_large
+    requests_per_minute: Optional[float] = None   # null: no limit
+    tokens_per_minute: Optional[float] = None     # null: no limit
+    price_input_per_million: float = 0.0        # USD per million prompt tokens, for the cost estimate
+    price_output_per_million: float = 0.0
 
 
 @dataclass

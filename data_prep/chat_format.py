@@ -19,6 +19,7 @@ constants, and tests/test_chat_format.py proves that they agree token for token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Callable, Sequence
 
 from tokenizers import AddedToken
@@ -35,6 +36,17 @@ ROLES = (SYSTEM, USER, ASSISTANT)
 # tokens, and the text would no longer round-trip. data_prep drops (and counts) such rows.
 CONTROL_STRINGS = (START_HEADER, END_HEADER, EOT, END_CONVERSATION, BEGIN_OF_TEXT, END_OF_TEXT)
 IGNORE_INDEX = -100  # label of a token that carries no loss
+# The pad token prepare_tokenizer installs: a token Llama-3's vocabulary reserves, never the EOS.
+PAD_TOKEN = "<|reserved_special_token_0|>"
+# Every task intent opens with this (data_prep's intent checks, evaluate's overlap and repetition
+# rules, the adherence intents); conf/ refers to it as ${chat_format:INTENT_PREFIX}.
+INTENT_PREFIX = "You are a user chatting with an assistant language model to"
+
+
+class FlipMode(StrEnum):
+    """How a conversation becomes training (or scoring) examples: ChatEncoder.examples."""
+    per_turn = auto()           # one example per user turn, its history before it (the paper's)
+    per_conversation = auto()   # every user turn of a conversation in one sequence (windows when long)
 
 
 def find_control_string(text: str) -> str | None:
@@ -192,7 +204,7 @@ class ChatEncoder:
                 kept = header + bodies[-1][:-1][:room] + [self.eot_id]
         return system + kept + self.header_ids[USER], start > 0
 
-    def flip(self, messages: Sequence[dict], mode: str, max_seq_len: int,
+    def flip(self, messages: Sequence[dict], mode: FlipMode, max_seq_len: int,
              train_on: Callable[[dict], bool] = is_user_turn,
              bodies: Sequence[list[int]] | None = None) -> list[Example]:
         """Flip one conversation into examples whose labels are the `train_on` messages.
@@ -229,7 +241,7 @@ class ChatEncoder:
                     for i, part in enumerate(turns) if part.target is not None]
         if mode == "per_conversation":
             return self._windows(system, turns, max_seq_len)
-        raise ValueError(f"unknown flip mode {mode!r}: expected per_turn or per_conversation")
+        raise ValueError(f"unknown flip mode {mode!r}: expected one of {', '.join(FlipMode)}")
 
     @staticmethod
     def _with_history(system: list[int], turns: list[_Part], index: int, max_seq_len: int) -> Example:

@@ -2,23 +2,63 @@
 
 Values live in conf/data_prep/ (YAML). Registering this schema as the first entry of the defaults
 list makes every key strict: a YAML file or command-line override that names an unknown key, or
-gives a wrong type, fails at composition instead of being silently ignored.
+gives a wrong type, fails at composition instead of being silently ignored. Fields with a fixed
+set of values are enums (the YAML spells the member's name), so `flip.mode=per_turns` fails at
+composition too, naming the key and the allowed values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from core.llm_client import ClientConfig
+from data_prep import chat_format
+from data_prep.chat_format import FlipMode
+
+# The strings that code and conf/ share, defined once in data_prep.chat_format; YAML writes
+# ${chat_format:INTENT_PREFIX}. Registered here; evaluate's schemas import this module for it.
+CHAT_FORMAT_CONSTANTS = {"INTENT_PREFIX": chat_format.INTENT_PREFIX, "PAD_TOKEN": chat_format.PAD_TOKEN}
+
+
+def chat_format_constant(name: str) -> str:
+    if name not in CHAT_FORMAT_CONSTANTS:
+        raise ValueError(f"${{chat_format:{name}}}: expected one of {', '.join(CHAT_FORMAT_CONSTANTS)}")
+    return CHAT_FORMAT_CONSTANTS[name]
+
+
+OmegaConf.register_new_resolver("chat_format", chat_format_constant, replace=True)
+
+
+class DatasetKind(StrEnum):
+    wildchat = auto()
+    prism = auto()
+
+
+class UnansweredLastTurn(StrEnum):   # a last user turn that got no reply
+    keep_no_end = auto()             # keep it as a target, emit no <|endconversation|> sample
+    trim = auto()                    # remove it
+    drop = auto()                    # drop the conversation
+
+
+class MissingUser(StrEnum):          # a conversation without hashed_ip
+    own_user = auto()                # is its own user
+    drop = auto()                    # is left out
+
+
+class IntentsBackend(StrEnum):
+    file = auto()                    # read intents.path as given
+    openai = auto()                  # generate the missing intents with an OpenAI-compatible endpoint
+    hf = auto()                      # ... or with a local model
 
 
 @dataclass
 class DataConfig:
-    kind: str = MISSING               # wildchat | prism (set by the `dataset` group)
+    kind: DatasetKind = MISSING       # set by the `dataset` group
     source: str = MISSING             # hub id, local parquet/jsonl file or folder
     revision: Optional[str] = None    # hub revision (commit sha, tag or branch)
     hub_config: Optional[str] = None  # hub dataset configuration (PRISM: conversations)
@@ -36,7 +76,7 @@ class NearDuplicateConfig:
 @dataclass
 class FiltersConfig:
     languages: Optional[list[str]] = MISSING    # null keeps every language
-    unanswered_last_turn: str = MISSING         # keep_no_end | trim | drop
+    unanswered_last_turn: UnansweredLastTurn = MISSING
     exact_duplicates: bool = MISSING
     near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)
     toxic: bool = MISSING                       # drop conversations flagged toxic
@@ -50,7 +90,7 @@ class FiltersConfig:
 class SplitConfig:
     fractions: dict[str, float] = MISSING       # split name -> share of each country's users
     seed: int = MISSING
-    missing_user: str = MISSING                 # own_user | drop
+    missing_user: MissingUser = MISSING
 
 
 @dataclass
@@ -113,7 +153,7 @@ class HFGeneratorConfig:
 
 @dataclass
 class IntentsConfig:
-    backend: str = MISSING            # file: read `path` | openai: an OpenAI-compatible endpoint | hf: a local model
+    backend: IntentsBackend = MISSING
     path: Optional[str] = MISSING     # jsonl of {conversation_hash, intent, ...}: read by data_prep, filled by generation
     prompt: IntentPromptConfig = field(default_factory=IntentPromptConfig)
     generation: IntentGenerationConfig = field(default_factory=IntentGenerationConfig)
@@ -125,7 +165,7 @@ class IntentsConfig:
 
 @dataclass
 class FlipConfig:
-    mode: str = MISSING               # per_turn | per_conversation
+    mode: FlipMode = MISSING
 
 
 @dataclass

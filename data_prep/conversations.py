@@ -76,7 +76,9 @@ def user_key(hashed_ip: str | None, country: str | None) -> str | None:
 
 
 def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list[dict], bool, list[str]]:
-    """Validate a linear dialogue. Returns (malformed reason or "", turns, ended, events)."""
+    """Validate a linear dialogue. Returns (malformed reason or "", turns, ended, events).
+
+    unanswered_last_turn: a data_prep.config.UnansweredLastTurn (the schema refuses other values)."""
     events: list[str] = []
     if not any(t["role"] == USER for t in turns):
         return "malformed:no_user_turn", turns, False, events
@@ -101,11 +103,8 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
             if not turns:
                 return "malformed:no_user_turn", turns, False, events
             ended = True
-        elif unanswered_last_turn == "keep_no_end":
+        else:  # keep_no_end
             events.append("unanswered_last_turn_no_end")
-        else:
-            raise ValueError(f"filters.unanswered_last_turn={unanswered_last_turn!r}: "
-                             "expected keep_no_end, trim or drop")
     return "", turns, ended, events
 
 

@@ -130,8 +130,6 @@ def prepare(cfg) -> Path:
     inputs = [cfg.data.source, cfg.intents.path, cfg.tokenizer.name_or_path]
     artifacts.check_replaceable(output_dir, "data_prep", cfg.overwrite, inputs)
     start = time.perf_counter()
-    if cfg.flip.mode not in ("per_turn", "per_conversation"):
-        raise ValueError(f"flip.mode={cfg.flip.mode!r}: expected per_turn or per_conversation")
     selection = select_conversations(cfg, start)
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
 

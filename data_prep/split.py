@@ -24,8 +24,6 @@ def assign_splits(records, kept: list[int], split_cfg) -> tuple[dict[str, list[i
     fractions = [split_cfg.fractions[n] for n in names]
     if abs(sum(fractions) - 1.0) > 1e-9 or min(split_cfg.fractions.values()) < 0:
         raise ValueError(f"split.fractions must be non-negative and sum to 1, got {dict(split_cfg.fractions)}")
-    if split_cfg.missing_user not in ("own_user", "drop"):
-        raise ValueError(f"split.missing_user={split_cfg.missing_user!r}: expected own_user or drop")
     columns = records.select(kept).select_columns(["conversation_hash", "user_key", "country"]).to_dict()
     anonymous: list[int] = []
     user_of: list[str | None] = []

@@ -2,22 +2,63 @@
 
 Values live in conf/perplexity/ and conf/table/ (YAML). Registered as the first entry of each
 defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition.
+Fields with a fixed set of values are enums (the YAML spells the member's name), so a typo such as
+`mode=per_turns` fails at composition too, naming the key and the allowed values.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+import data_prep.config  # noqa: F401  (registers ${chat_format:NAME}, which conf/ uses for the constants)
+from data_prep.chat_format import FlipMode
+
+
+class Protocol(StrEnum):            # how a model is prompted to play the user (evaluate.protocols)
+    userlm = auto()                 # UserLM-8b's chat format (user LMs; base models get the same text)
+    flipped_chat = auto()           # the model's own chat template with roles swapped
+
+
+class Intent(StrEnum):              # the system message a conversation is scored under
+    none = auto()                   # no system message (the paper's "no intent" column)
+    task = auto()                   # the conversation's own intent (the paper's "intent" column)
+    generic = auto()                # generic_intent, the same for every conversation
+
+
+class MissingEndToken(StrEnum):     # a model without an embedding row for <|endconversation|>
+    plain_text = auto()             # scores it as the text pieces its tokenizer splits it into
+    exclude = auto()                # scores no end-of-conversation target
+
+
+def result_name(model: str, protocol: str) -> str:
+    """A directory name for a model id or path: "/" -> "--", other unsafe characters -> "_".
+
+    Perplexity results and simulations are named by it (here, beside the schemas, so that composing
+    a config imports no model code)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", "--".join(p for p in model.split("/") if p not in ("", ".")))
+    return name if protocol == "userlm" else f"{name}--{protocol}"
+
+
+# How an instruct model is told to play the user (protocol flipped_chat), for perplexity and
+# simulate alike: written here once, overridable per run (flipped_chat.system_prompt=...).
+FLIPPED_CHAT_RULES = ("In this chat, your messages are the assistant turns and the assistant language model's "
+                      "replies are the user turns. Write only the user's next message, as a real user would "
+                      "type it; when you have nothing more to ask, write <|endconversation|>.")
+
 
 @dataclass
 class FlippedChatConfig:
-    system_prompt: str = MISSING              # intent=none
-    system_prompt_with_intent: str = MISSING  # intent=task|generic; contains {intent}
-    template_kwargs: dict[str, str] = MISSING  # extra variables for the chat template
+    system_prompt: str = f"You are a user chatting with an assistant language model. {FLIPPED_CHAT_RULES}"  # intent=none
+    system_prompt_with_intent: str = f"{{intent}} {FLIPPED_CHAT_RULES}"  # intent=task|generic
+    # Variables for the chat template. Llama-3.1/3.2 templates print today's date in the system
+    # message unless date_string is given: a fixed date gives the same tokens every day.
+    template_kwargs: dict[str, str] = field(default_factory=lambda: {"date_string": "26 Jul 2024"})
 
 
 @dataclass
@@ -36,13 +77,13 @@ class PerplexityConfig:
     dataset: str = MISSING                    # a key of data_dirs
     data_dirs: dict[str, str] = MISSING       # dataset -> data_prep output directory
     split: str = MISSING
-    intent: str = MISSING                     # none | task | generic
+    intent: Intent = MISSING
     generic_intent: str = MISSING
-    protocol: str = MISSING                   # userlm | flipped_chat
+    protocol: Protocol = MISSING
     flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
     pad_token: str = MISSING                  # userlm protocol: prepare_tokenizer's pad token
-    missing_end_token: str = MISSING          # plain_text | exclude
-    mode: str = MISSING                       # per_conversation | per_turn
+    missing_end_token: MissingEndToken = MISSING
+    mode: FlipMode = MISSING
     max_seq_len: int = MISSING
     max_tokens_per_batch: int = MISSING
     max_batch_size: int = MISSING

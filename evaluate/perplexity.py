@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -35,22 +34,15 @@ import hydra
 import numpy as np
 from tqdm import tqdm
 
-import evaluate.config  # noqa: F401  (registers the config schemas)
 from core import artifacts, runtime
+from evaluate.config import result_name  # (importing it registers the config schemas)
 from data_prep.chat_format import END_CONVERSATION, USER
 from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
 
 log = logging.getLogger(__name__)
-INTENTS = ("none", "task", "generic")
 COUNTS = ("examples", "truncated_examples", "target_tokens_in_truncated_examples", "forward_tokens", "padded_tokens")
-
-
-def result_name(model: str, protocol: str) -> str:
-    """A directory name for a model id or path: "/" -> "--", other unsafe characters -> "_"."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", "--".join(p for p in model.split("/") if p not in ("", ".")))
-    return name if protocol == "userlm" else f"{name}--{protocol}"
 
 
 def conversation_intent(cfg, row: dict, index: int) -> str | None:
@@ -68,8 +60,6 @@ def end_token_handling(cfg, tokenizer, model) -> tuple[bool, str]:
     token_id = tokenizer.get_vocab().get(END_CONVERSATION)
     rows = model.get_input_embeddings().num_embeddings
     in_vocabulary = token_id is not None and token_id < rows
-    if cfg.missing_end_token not in ("plain_text", "exclude"):
-        raise ValueError(f"missing_end_token={cfg.missing_end_token!r}: expected plain_text or exclude")
     if cfg.protocol == "userlm" and token_id is None and rows > len(tokenizer):
         log.warning("the tokenizer (%s) has no %s, but the model's embedding has %d rows past its %d tokens, "
                     "where training (train/run.py) adds that token: is this a trained user LM scored with the "
@@ -148,8 +138,6 @@ def run(cfg) -> Path:
 
 def score(cfg, result_dir: Path) -> Path:
     # ---- config ------------------------------------------------------------------------------
-    if cfg.intent not in INTENTS:
-        raise ValueError(f"intent={cfg.intent!r}: expected one of {INTENTS}")
     if cfg.dataset not in cfg.data_dirs:
         raise ValueError(f"dataset={cfg.dataset!r}: expected one of data_dirs {sorted(cfg.data_dirs)}")
     data_dir = Path(cfg.data_dirs[cfg.dataset])

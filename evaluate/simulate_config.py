@@ -1,20 +1,28 @@
 """Schemas of `python -m evaluate.simulate` and `python -m evaluate.intrinsic`: key names and types.
 
 Values live in conf/simulate/ and conf/intrinsic/ (YAML). Registered as the first entry of each
-defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition.
+defaults list, a schema makes every key strict: an unknown key or a wrong type fails at composition,
+and so does a value outside an enum field's members (`assistant.kind=hff`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from core.llm_client import ClientConfig
-from evaluate.config import FlippedChatConfig
-from evaluate.perplexity import result_name
+from data_prep.chat_format import PAD_TOKEN
+from evaluate.config import FlippedChatConfig, Protocol, result_name
+
+
+class AssistantKind(StrEnum):       # evaluate/assistants.py
+    hf = auto()                     # a local model with its chat template
+    openai = auto()                 # any OpenAI-compatible chat-completions endpoint
+    scripted = auto()               # fixed replies, in turn (deterministic, free)
 
 
 @dataclass
@@ -29,7 +37,7 @@ class SamplingConfig:
 @dataclass
 class UserModelConfig:
     name_or_path: str = MISSING       # hub id or local directory
-    protocol: str = MISSING           # userlm | flipped_chat
+    protocol: Protocol = MISSING
     flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
     pad_token: str = MISSING
     batch_size: int = MISSING         # turns sampled per generate call (and conversations in flight)
@@ -73,14 +81,16 @@ class GuardrailsConfig:
 
 @dataclass
 class HFAssistantConfig:
-    name_or_path: Optional[str] = MISSING
-    chat_template: Optional[str] = MISSING   # null: the tokenizer's own
-    pad_token: str = MISSING                 # used when the tokenizer has no pad token distinct from EOS
-    stop_tokens: Optional[list[str]] = MISSING   # null: the model's EOS tokens
-    batch_size: int = MISSING
-    dtype: str = MISSING
-    device: str = MISSING
-    trust_remote_code: bool = MISSING
+    """A local model as the assistant; the defaults here are the one copy that simulate's
+    assistant.hf and intrinsic's assistant.hf share (each YAML lists only what it changes)."""
+    name_or_path: Optional[str] = None       # hub id or local directory
+    chat_template: Optional[str] = None      # null: the tokenizer's own
+    pad_token: str = PAD_TOKEN               # used when the tokenizer has no pad token distinct from EOS
+    stop_tokens: Optional[list[str]] = None  # null: the model's EOS tokens
+    batch_size: int = 32                     # replies per generate call
+    dtype: str = "auto"                      # auto: bfloat16 on cuda, float32 on cpu
+    device: str = "auto"
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -90,7 +100,7 @@ class ScriptedAssistantConfig:
 
 @dataclass
 class AssistantConfig:
-    kind: str = MISSING                      # hf | openai | scripted
+    kind: AssistantKind = MISSING
     system_prompt: Optional[str] = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     hf: HFAssistantConfig = field(default_factory=HFAssistantConfig)

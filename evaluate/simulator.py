@@ -32,32 +32,51 @@ summary). An intent that alone leaves no room ends its conversation at once (`in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
+from omegaconf import OmegaConf
+
 from core import runtime
-from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, USER
+from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, INTENT_PREFIX, PAD_TOKEN, USER
 from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
 from evaluate.protocols import make_protocol
 
 
 # ---- settings ------------------------------------------------------------------------------------
+# The values are written once, in conf/simulate/ (what `python -m evaluate.simulate` composes): the
+# settings classes below take their defaults from there, so the API and the command cannot drift.
+SIMULATE_CONF = Path(__file__).resolve().parents[1] / "conf" / "simulate"
+
+
+def sampling_preset(name: str) -> dict:
+    """conf/simulate/sampling/<name>.yaml: card (microsoft/UserLM-8b's model card snippet) or
+    generation_config (its generation_config.json)."""
+    return OmegaConf.to_container(OmegaConf.load(SIMULATE_CONF / "sampling" / f"{name}.yaml"))
+
+
+CARD_SAMPLING = sampling_preset("card")
+PAPER_GUARDRAILS = OmegaConf.load(SIMULATE_CONF / "config.yaml").guardrails   # the paper's (Appendix D.1)
+
+
 @dataclass
 class SamplingSettings:
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.8
-    top_k: int = 0                 # 0: no top-k filtering
-    max_new_tokens: int = 64
+    """How user turns are sampled; defaults: conf/simulate/sampling/card.yaml."""
+    do_sample: bool = CARD_SAMPLING["do_sample"]
+    temperature: float = CARD_SAMPLING["temperature"]
+    top_p: float = CARD_SAMPLING["top_p"]
+    top_k: int = CARD_SAMPLING["top_k"]                 # 0: no top-k filtering
+    max_new_tokens: int = CARD_SAMPLING["max_new_tokens"]
 
     @classmethod
     def card(cls) -> "SamplingSettings":
         """microsoft/UserLM-8b's model card snippet: top_p 0.8, temperature 1.0."""
-        return cls(temperature=1.0, top_p=0.8)
+        return cls(**sampling_preset("card"))
 
     @classmethod
     def generation_config(cls) -> "SamplingSettings":
         """microsoft/UserLM-8b's generation_config.json defaults: temperature 0.6, top_p 0.9."""
-        return cls(temperature=0.6, top_p=0.9)
+        return cls(**sampling_preset("generation_config"))
 
     def generate_kwargs(self) -> dict:
         if not self.do_sample:
@@ -68,21 +87,22 @@ class SamplingSettings:
 
 @dataclass
 class GuardrailSettings:
-    """The four guardrails (evaluate.guardrails), each switchable, and the retry budget per turn."""
-    first_word: bool = True
-    first_words: Sequence[str] = ("I", "You", "Here")
-    end_conversation: bool = True
-    length: bool = True
-    min_words: int = 3
-    max_words: int = 25
-    repetition: bool = True
-    intent_prefix: str = "You are a user chatting with an assistant language model to"
-    max_retries: int = 5           # resamples of one turn before its failure is recorded (paper: not known)
+    """The four guardrails (evaluate.guardrails), each switchable, and the retry budget per turn;
+    defaults: the `guardrails` section of conf/simulate/config.yaml."""
+    first_word: bool = PAPER_GUARDRAILS.first_word.enabled
+    first_words: Sequence[str] = tuple(PAPER_GUARDRAILS.first_word.words)
+    end_conversation: bool = PAPER_GUARDRAILS.end_conversation.enabled
+    length: bool = PAPER_GUARDRAILS.length.enabled
+    min_words: int = PAPER_GUARDRAILS.length.min_words
+    max_words: int = PAPER_GUARDRAILS.length.max_words
+    repetition: bool = PAPER_GUARDRAILS.repetition.enabled
+    intent_prefix: str = INTENT_PREFIX   # conf/ writes it as ${chat_format:INTENT_PREFIX}, the same constant
+    max_retries: int = PAPER_GUARDRAILS.max_retries   # resamples of one turn before its failure is recorded
 
     @classmethod
     def from_config(cls, cfg) -> "GuardrailSettings":
         """From a `guardrails` config node (conf/simulate/config.yaml)."""
-        return cls(first_word=cfg.first_word.enabled, first_words=list(cfg.first_word.words),
+        return cls(first_word=cfg.first_word.enabled, first_words=tuple(cfg.first_word.words),
                    end_conversation=cfg.end_conversation.enabled, length=cfg.length.enabled,
                    min_words=cfg.length.min_words, max_words=cfg.length.max_words,
                    repetition=cfg.repetition.enabled, intent_prefix=cfg.repetition.intent_prefix,
@@ -209,12 +229,12 @@ class UserSimulator:
     @classmethod
     def from_pretrained(cls, name_or_path: str, sampling: SamplingSettings | None = None,
                         guardrails: GuardrailSettings | None = None, batch_size: int = 32, protocol: str = "userlm",
-                        pad_token: str = "<|reserved_special_token_0|>", flipped_chat=None, dtype: str = "auto",
+                        pad_token: str = PAD_TOKEN, flipped_chat=None, dtype: str = "auto",
                         device: str = "auto", trust_remote_code: bool = False) -> "UserSimulator":
         """Load a user LM (hub id or local path) and its tokenizer. protocol userlm prepares the
         tokenizer for UserLM's format (and gives a base model an <|endconversation|> row);
         flipped_chat needs `flipped_chat` {system_prompt, system_prompt_with_intent, template_kwargs}
-        (conf/simulate/config.yaml has the defaults)."""
+        (evaluate.config.FlippedChatConfig has the defaults)."""
         tokenizer = runtime.load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         model = runtime.load_causal_lm(name_or_path, dtype, device, trust_remote_code=trust_remote_code)
         chat = flipped_chat or {}

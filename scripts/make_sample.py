@@ -23,10 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_prep.chat_format import INTENT_PREFIX
 from data_prep.schemas import DETOXIFY_FIELDS, MODERATION_CATEGORIES, WILDCHAT_SCHEMA
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data_prep" / "sample"
-INTENT_PREFIX = "You are a user chatting with an assistant language model to "
 
 PLACES = ["Algeria", "Japan", "Peru", "Norway", "Kenya", "Portugal", "Vietnam", "Canada", "Morocco", "Chile"]
 DISHES = ["lentil soup", "banana bread", "chicken curry", "vegetable lasagna", "pad thai", "pancakes",
@@ -204,7 +204,7 @@ def task_conversation(rng: random.Random, task: str, slot: str) -> tuple[list[tu
             text = follow[(k - 1) % len(follow)]
         turns.append(("user", text.format(x=slot)))
         turns.append(("assistant", rng.choice(spec["reply"]).format(x=slot)))
-    return turns, INTENT_PREFIX + spec["intent"].format(x=slot)
+    return turns, f"{INTENT_PREFIX} " + spec["intent"].format(x=slot)
 
 
 def make_wildchat(rng: random.Random, n_clean: int) -> tuple[pa.Table, dict[str, str]]:
@@ -224,7 +224,7 @@ def make_wildchat(rng: random.Random, n_clean: int) -> tuple[pa.Table, dict[str,
     for concept in ["a cat in space", "a red car", "a forest at night", "an old castle", "a city in the rain",
                     "a bowl of fruit"]:
         turns = [("user", MIDJOURNEY.format(x=concept)), ("assistant", f"/imagine prompt: {concept}, detailed, 4k")]
-        intents[writer.add(turns)["conversation_hash"]] = INTENT_PREFIX + "get image prompts written for Midjourney."
+        intents[writer.add(turns)["conversation_hash"]] = f"{INTENT_PREFIX} get image prompts written for Midjourney."
     for language, user_text, reply in NON_ENGLISH:
         for slot in rng.sample(PLACES, 6):
             writer.add([("user", user_text.format(x=slot)), ("assistant", reply.format(x=slot))], language=language)
@@ -255,7 +255,7 @@ def make_wildchat(rng: random.Random, n_clean: int) -> tuple[pa.Table, dict[str,
              ("assistant", "The log shows repeated connection resets from the upstream server. Check its "
                            "timeouts and memory, then restart it."),
              ("user", "how do i check the memory?"), ("assistant", "Run free -h or top on the server.")]
-    intents[writer.add(turns)["conversation_hash"]] = INTENT_PREFIX + "find out why their web server keeps failing."
+    intents[writer.add(turns)["conversation_hash"]] = f"{INTENT_PREFIX} find out why their web server keeps failing."
     # A conversation with no hashed_ip (not seen in WildChat-1M, but a user's own logs may lack it).
     turns, intent = task_conversation(rng, "math", "fractions")
     intents[writer.add(turns, user=(None, None, None))["conversation_hash"]] = intent
