@@ -323,9 +323,10 @@ class UserSimulator:
 # ---- whole conversations -------------------------------------------------------------------------
 def simulate_conversations(simulator: UserSimulator, assistant, items: Iterable[dict],
                            max_user_turns: int, end_allowed_after: int, pool_size: int) -> Iterator[dict]:
-    """evaluate.simulate's conversations for `items` ({id, intent}), up to `pool_size` at once: the
-    conversation runner (evaluate.conversation, its end reasons) stopped after `max_user_turns`
-    answered user turns; yields each finished one's transcript record (Conversation.transcript).
+    """evaluate.simulate's conversations for `items` ({id, intent}) with `assistant`
+    (evaluate.conversation.Assistant), up to `pool_size` at once: the conversation runner (its end
+    reasons) stopped after `max_user_turns` answered user turns; yields each finished one's
+    transcript record (Conversation.transcript).
     """
     from evaluate import conversation  # not at the top: evaluate.conversation imports this module
     for finished in conversation.run_conversations(simulator, assistant, ((i["id"], i["intent"]) for i in items),
