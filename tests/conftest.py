@@ -191,3 +191,17 @@ def build_tiny_detector(tiny_assets: Path, out: Path, zero_head: bool) -> Path:
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_assets, tmp_path_factory) -> Path:
     return build_tiny_detector(tiny_assets, tmp_path_factory.mktemp("detector"), zero_head=False)
+
+
+def preset_changes(stage: str, preset: str, overrides: list[str]) -> dict:
+    """The leaf values (dotted keys, unresolved) that experiment=<preset> changes in conf/<stage>."""
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+    base = leaves(OmegaConf.to_container(compose_config(stage, overrides)))
+    changed = leaves(OmegaConf.to_container(compose_config(stage, [f"experiment={preset}", *overrides])))
+    return {key: value for key, value in changed.items() if base.get(key, "<absent>") != value}
