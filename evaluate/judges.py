@@ -81,7 +81,7 @@ def converse(simulator: UserSimulator, assistant, items: Sequence[dict], intent_
     intent did not fit."""
     intents = [intent_template.format(**item) for item in items]
     conversations = run_conversations(simulator, assistant, enumerate(intents), max_user_turns(2, answered=False),
-                                      end_allowed_after, pool_size=max(len(items), 1))
+                                      end_allowed_after, pool_size=len(items))   # every item in each batch
     finished = {c.id: c for c in conversations}
     records = []
     for number, (item, intent) in enumerate(zip(items, intents)):
