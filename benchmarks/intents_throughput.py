@@ -36,7 +36,8 @@ from core import jsonl  # noqa: E402
 from core.jsonl import JsonlWriter  # noqa: E402
 from core.llm_client import LLMClient  # noqa: E402
 from data_prep.intents.generate import generate_intents  # noqa: E402
-from tests.conftest import SAMPLE, compose_config  # noqa: E402
+from scripts.hydra_compose import compose_config  # noqa: E402
+from scripts.make_tiny_assets import SAMPLE_DIR as SAMPLE  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:

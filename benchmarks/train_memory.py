@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import train.config  # noqa: E402,F401  (registers the train schema)
+from scripts.hydra_compose import compose_config  # noqa: E402
 from train.data import batch_arithmetic  # noqa: E402
 from train.model import enable_token_losses, token_losses  # noqa: E402
 from train.optim import deepspeed_config  # noqa: E402
@@ -123,8 +123,7 @@ def flash_attention_memory(module, query, key, value, attention_mask, **kwargs):
 def compose_train_config(overrides: list[str]):
     if not any(o.startswith("experiment=") for o in overrides):
         overrides = ["experiment=paper", *overrides]
-    with initialize_config_dir(config_dir=str(REPO / "conf/train"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def model_config(name_or_path: str, vocab_size: int | None):

@@ -27,20 +27,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-import data_prep.config  # noqa: E402,F401  (registers the data_prep schema)
 from data_prep.pipeline import run as run_data_prep  # noqa: E402
+from scripts.hydra_compose import compose_config  # noqa: E402
+from scripts.make_tiny_assets import SAMPLE_DIR as SAMPLE  # noqa: E402
 from train.data import BatchArithmetic, Plan, load_split, make_rows  # noqa: E402
-
-SAMPLE = REPO / "data_prep" / "sample"
 
 
 def prepare(source: Path, intents: Path, tokenizer: Path, mode: str, max_seq_len: int, out: Path) -> Path:
-    with initialize_config_dir(config_dir=str(REPO / "conf/data_prep"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=tiny", f"data.source={source}", f"intents.path={intents}", f"tokenizer.name_or_path={tokenizer}",
-            f"flip.mode={mode}", f"max_seq_len={max_seq_len}", f"output_dir={out}", "batch_size=1000"])
+    cfg = compose_config("data_prep", [
+        "experiment=tiny", f"data.source={source}", f"intents.path={intents}", f"tokenizer.name_or_path={tokenizer}",
+        f"flip.mode={mode}", f"max_seq_len={max_seq_len}", f"output_dir={out}", "batch_size=1000"])
     return run_data_prep(cfg)
 
 

@@ -22,13 +22,16 @@ verdicts (role_adherence.jsonl, intent_adherence.jsonl). Formulas: evaluate/intr
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import hydra
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 import evaluate.simulate_config  # noqa: F401  (registers the config schemas)
@@ -41,44 +44,84 @@ from evaluate.judges import converse, judge, load_items
 from evaluate.simulator import UserSimulator
 from evaluate.transcripts import read_transcripts
 
-METRICS = ("first_turn_diversity", "intent_decomposition", "dialogue_termination", "naturalness",
-           "role_adherence", "intent_adherence")
-HEADLINE = {"first_turn_diversity": "jaccard_diversity", "intent_decomposition": "overlap",
-            "dialogue_termination": "f1", "naturalness": "human_probability", "role_adherence": "adherence",
-            "intent_adherence": "adherence"}
-ITEM_KIND = {"role_adherence": "commonsense_qa", "intent_adherence": "nq_open"}
+# ---- the metrics: name -> how to compute it, its headline number, what it needs, its Table 2 column --------
+TRANSCRIPTS, USER_LM, JUDGE = "transcripts", "user_lm", "judge"   # what a metric needs, computed in this order
+
+
+@dataclass(frozen=True)
+class Metric:
+    compute: Callable[[DictConfig, "Inputs"], dict]   # (the intrinsic config, what it reads) -> its result
+    headline: str                  # the result's key reported as the metric's value (the table's number)
+    needs: str                     # TRANSCRIPTS (also run on the human reference), USER_LM or JUDGE
+    column: str                    # its column in the paper's Table 2 (evaluate/tables/intrinsic.py)
+
+
+METRICS = {  # in the paper's Table 2 order; formulas in evaluate/intrinsic_metrics.py
+    "first_turn_diversity": Metric(lambda cfg, x: m.first_turn_diversity(x.first_turns),
+                                   "jaccard_diversity", TRANSCRIPTS, "First-turn diversity (↑)"),
+    "intent_decomposition": Metric(lambda cfg, x: m.intent_decomposition(x.conversations, cfg.intent_prefix),
+                                   "overlap", TRANSCRIPTS, "Intent decomposition (↓)"),
+    "dialogue_termination": Metric(lambda cfg, x: termination(cfg.termination, x.models.simulator),
+                                   "f1", USER_LM, "Dialogue termination F1 (↑)"),
+    "naturalness": Metric(lambda cfg, x: naturalness(cfg.naturalness, x.first_turns, x.models.detector),
+                          "human_probability", TRANSCRIPTS, "Naturalness (↑)"),
+    "role_adherence": Metric(lambda cfg, x: adherence(cfg, "role_adherence", "commonsense_qa", x),
+                             "adherence", JUDGE, "Role adherence (↑)"),
+    "intent_adherence": Metric(lambda cfg, x: adherence(cfg, "intent_adherence", "nq_open", x),
+                               "adherence", JUDGE, "Intent adherence (↑)"),
+}
 
 
 def user_turns(turns) -> list[str]:
     return [t["content"] for t in turns if t["role"] == USER]
 
 
-def transcript_metrics(cfg, conversations: list[tuple[str, list[str]]], detector) -> dict:
-    """The metrics read off conversations: (intent, user turns) pairs, simulated or real."""
-    first_turns = [turns[0] for _, turns in conversations if turns][:cfg.first_turns]
-    results = {}
-    if "first_turn_diversity" in cfg.metrics:
-        results["first_turn_diversity"] = m.first_turn_diversity(first_turns)
-    if "intent_decomposition" in cfg.metrics:
-        results["intent_decomposition"] = m.intent_decomposition(conversations, cfg.intent_prefix)
-    if "naturalness" in cfg.metrics:
-        results["naturalness"] = {"detector": cfg.naturalness.detector, **m.naturalness(
-            first_turns, *detector, cfg.naturalness.human_label, cfg.naturalness.batch_size,
-            cfg.naturalness.max_length)}
-    return results
+class Models:
+    """The models the metrics run, each loaded on first use and shared by the simulation's and the
+    human reference's metrics: the AI-text detector, the simulation's user LM."""
+
+    def __init__(self, cfg, sim_cfg):
+        self.cfg, self.sim_cfg = cfg, sim_cfg
+
+    @cached_property
+    def detector(self):
+        """The AI-text detector and its tokenizer, in float32 (it is small, and its scores are the metric)."""
+        n = self.cfg.naturalness
+        tokenizer = runtime.load_tokenizer(n.detector, trust_remote_code=n.trust_remote_code)
+        model = runtime.load_model(AutoModelForSequenceClassification, n.detector, "float32", n.device,
+                                   trust_remote_code=n.trust_remote_code)
+        return model, tokenizer
+
+    @cached_property
+    def simulator(self) -> UserSimulator:
+        torch.manual_seed(self.cfg.seed)
+        return UserSimulator.from_config(self.sim_cfg.user_model, self.sim_cfg.sampling, self.sim_cfg.guardrails)
 
 
-def load_detector(cfg):
-    """The AI-text detector and its tokenizer, in float32 (it is small, and its scores are the metric)."""
-    n = cfg.naturalness
-    tokenizer = runtime.load_tokenizer(n.detector, trust_remote_code=n.trust_remote_code)
-    model = runtime.load_model(AutoModelForSequenceClassification, n.detector, "float32", n.device,
-                               trust_remote_code=n.trust_remote_code)
-    return model, tokenizer
+@dataclass
+class Inputs:
+    """What a metric reads: conversations as (intent, user turns) pairs, simulated or real."""
+    conversations: list[tuple[str, list[str]]]
+    first_turns: list[str]         # the first `first_turns` conversations' first user turns
+    models: Models
+    out_dir: Path                  # where a metric writes its per-item records
+
+    @classmethod
+    def of(cls, cfg, conversations, models: Models, out_dir: Path) -> "Inputs":
+        first_turns = [turns[0] for _, turns in conversations if turns][:cfg.first_turns]
+        return cls(conversations, first_turns, models, out_dir)
+
+
+def compute(cfg, names, inputs: Inputs) -> dict:
+    """The results of the metrics `names`: those that need less first (transcripts, the user LM, a
+    judge), each kind in METRICS' order."""
+    order = [name for needs in (TRANSCRIPTS, USER_LM, JUDGE) for name, metric in METRICS.items()
+             if metric.needs == needs and name in names]
+    return {name: METRICS[name].compute(cfg, inputs) for name in order}
 
 
 def with_headlines(results: dict) -> dict:
-    return {name: {"value": result.get(HEADLINE[name]), **result} for name, result in results.items()}
+    return {name: {"value": result.get(METRICS[name].headline), **result} for name, result in results.items()}
 
 
 def save(path: Path, name: str, results: dict, extra: dict) -> None:
@@ -111,43 +154,42 @@ def measure(cfg, simulation: Path, out_dir: Path) -> Path:
                                  "transcripts_sha256": artifacts.sha256_of(simulation / "transcripts.jsonl")},
                   "config": artifacts.resolved_config(cfg)}
 
-    # ---- metrics of the transcripts -----------------------------------------------------------------
-    detector = load_detector(cfg) if "naturalness" in cfg.metrics else None
+    # ---- the metrics: the transcripts' first, then the user LM's, then the judged ones ----------------
+    models = Models(cfg, sim_cfg)
     conversations = [(r["intent"], user_turns(r["turns"])) for r in records]
-    results = transcript_metrics(cfg, conversations, detector)
-
-    # ---- the user LM itself: termination, adherence --------------------------------------------------
-    if {"dialogue_termination", "role_adherence", "intent_adherence"} & set(cfg.metrics):
-        torch.manual_seed(cfg.seed)
-        simulator = UserSimulator.from_config(sim_cfg.user_model, sim_cfg.sampling, sim_cfg.guardrails)
-    if "dialogue_termination" in cfg.metrics:
-        results["dialogue_termination"] = termination(cfg.termination, simulator)
-    for metric in ("role_adherence", "intent_adherence"):
-        if metric in cfg.metrics:
-            section = cfg[metric]
-            items = load_items(ITEM_KIND[metric], section.data.source, section.data.split,
-                               section.data.revision, section.data.limit)
-            assistant_cfg = OmegaConf.merge(cfg.assistant, {"system_prompt": section.assistant_system_prompt,
-                                                            "scripted": {"replies": section.assistant_replies}})
-            exchanges = converse(simulator, make_assistant(assistant_cfg), items, section.intent_template,
-                                 sim_cfg.conversation.end_allowed_after)
-            judge(exchanges, cfg.judge.client, section.judge_prompt, section.adhered_when, cfg.judge.max_tokens)
-            artifacts.write_text(out_dir / f"{metric}.jsonl", "".join(
-                json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in exchanges))
-            results[metric] = {"items": section.data.source, "assistant": describe(assistant_cfg),
-                               "judge_model": cfg.judge.client.model,
-                               "ended_by_user": sum(bool(e["ended_at"]) for e in exchanges),
-                               **m.adherence([e["adhered"] for e in exchanges])}
+    results = compute(cfg, cfg.metrics, Inputs.of(cfg, conversations, models, out_dir))
 
     # ---- save; the human reference --------------------------------------------------------------
     path = out_dir / "intrinsic.json"
     save(path, name, results, provenance)
     if cfg.human:
-        human_reference(cfg, sim_manifest, records, detector)
+        human_reference(cfg, sim_manifest, records, models)
     for metric, result in with_headlines(results).items():
         print(f"{name} {metric}: {result['value'] if result['value'] is None else round(result['value'], 2)}")
     print(f"wrote {path}")
     return path
+
+
+def naturalness(cfg, first_turns: list[str], detector) -> dict:
+    return {"detector": cfg.detector, **m.naturalness(first_turns, *detector, cfg.human_label, cfg.batch_size,
+                                                      cfg.max_length)}
+
+
+def adherence(cfg, metric: str, item_kind: str, inputs: Inputs) -> dict:
+    """Two-turn conversations of the simulation's user LM with the section's testing assistant, judged;
+    each with its verdict in <out_dir>/<metric>.jsonl."""
+    section, simulator = cfg[metric], inputs.models.simulator
+    items = load_items(item_kind, section.data.source, section.data.split, section.data.revision, section.data.limit)
+    assistant_cfg = OmegaConf.merge(cfg.assistant, {"system_prompt": section.assistant_system_prompt,
+                                                    "scripted": {"replies": section.assistant_replies}})
+    exchanges = converse(simulator, make_assistant(assistant_cfg), items, section.intent_template,
+                         inputs.models.sim_cfg.conversation.end_allowed_after)
+    judge(exchanges, cfg.judge.client, section.judge_prompt, section.adhered_when, cfg.judge.max_tokens)
+    artifacts.write_text(inputs.out_dir / f"{metric}.jsonl", "".join(
+        json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in exchanges))
+    return {"items": section.data.source, "assistant": describe(assistant_cfg), "judge_model": cfg.judge.client.model,
+            "ended_by_user": sum(bool(e["ended_at"]) for e in exchanges),
+            **m.adherence([e["adhered"] for e in exchanges])}
 
 
 def termination(cfg, simulator) -> dict:
@@ -166,7 +208,7 @@ def termination(cfg, simulator) -> dict:
             **m.dialogue_termination(decisions["predicted_end"], decisions["real_end"])}
 
 
-def human_reference(cfg, sim_manifest: dict, records: list[dict], detector) -> None:
+def human_reference(cfg, sim_manifest: dict, records: list[dict], models: Models) -> None:
     """The transcript metrics on the real conversations behind the simulation's intents."""
     source = sim_manifest["intents"]
     if "data_dir" not in source:
@@ -175,8 +217,10 @@ def human_reference(cfg, sim_manifest: dict, records: list[dict], detector) -> N
     real = datasets.load_from_disk(str(Path(source["data_dir"]) / "conversations" / source["split"]))
     by_hash = {row["conversation_hash"]: row for row in real.select_columns(["conversation_hash", "intent", "turns"])}
     rows = [by_hash[r["id"].split("#")[0]] for r in records if r["id"].split("#")[0] in by_hash]
-    results = transcript_metrics(cfg, [(row["intent"], user_turns(row["turns"])) for row in rows], detector)
+    conversations = [(row["intent"], user_turns(row["turns"])) for row in rows]
+    names = [name for name in cfg.metrics if METRICS[name].needs == TRANSCRIPTS]
     with artifacts.owned_directory(Path(cfg.output_dir) / "human", "intrinsic") as human_dir:
+        results = compute(cfg, names, Inputs.of(cfg, conversations, models, human_dir))
         save(human_dir / "intrinsic.json", "human", results,
              {"data": {**source, "conversations": len(rows)}, "config": artifacts.resolved_config(cfg)})
 

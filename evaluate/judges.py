@@ -28,7 +28,8 @@ from typing import Sequence
 import datasets
 
 from core.llm_client import LLMClient, RequestFailed
-from evaluate.simulator import TurnRequest, UserSimulator
+from evaluate.conversation import ASSISTANT_ERROR, INTENT_TOO_LONG, USER_ENDED, max_user_turns, run_conversations
+from evaluate.simulator import UserSimulator
 
 SCHEMAS = {  # item kind -> fields every row must have
     "commonsense_qa": ("id", "question", "choices", "answerKey"),
@@ -73,31 +74,25 @@ def parse_verdict(text: str) -> bool | None:
 
 def converse(simulator: UserSimulator, assistant, items: Sequence[dict], intent_template: str,
              end_allowed_after: int) -> list[dict]:
-    """User turn 1, the assistant's reply, user turn 2, for every item (each step batched)."""
+    """User turn 1, the assistant's reply, user turn 2, for every item (each step batched): the
+    conversation runner (evaluate.conversation) stopped right after the second user turn. Records
+    in the items' order: item, intent, turns ({role, content}), ended_at (the user turn that ended
+    the conversation, or None), and assistant_error or error where the assistant failed or the
+    intent did not fit."""
     intents = [intent_template.format(**item) for item in items]
-    first = simulator.generate([TurnRequest(intent, [], allow_end=end_allowed_after < 1) for intent in intents])
-    records = [{"item": item, "intent": intent, "turns": [], "ended_at": None}
-               for item, intent in zip(items, intents)]
-    talking = []
-    for record, turn in zip(records, first):
-        if turn.ended:
-            record["ended_at"] = 1
-        else:
-            record["turns"].append({"role": "user", "content": turn.text})
-            talking.append(record)
-    for record, reply in zip(talking, assistant.reply([r["turns"] for r in talking]) if talking else []):
-        if reply.text is None:
-            record["assistant_error"] = reply.error
-            continue
-        record["turns"].append({"role": "assistant", "content": reply.text})
-    answered = [r for r in talking if len(r["turns"]) == 2]
-    second = simulator.generate([TurnRequest(r["intent"], r["turns"], allow_end=end_allowed_after < 2)
-                                 for r in answered]) if answered else []
-    for record, turn in zip(answered, second):
-        if turn.ended:
-            record["ended_at"] = 2
-        else:
-            record["turns"].append({"role": "user", "content": turn.text})
+    conversations = run_conversations(simulator, assistant, enumerate(intents), max_user_turns(2, answered=False),
+                                      end_allowed_after, pool_size=len(items))   # every item in each batch
+    finished = {c.id: c for c in conversations}
+    records = []
+    for number, (item, intent) in enumerate(zip(items, intents)):
+        c = finished[number]
+        record = {"item": item, "intent": intent, "turns": c.messages(),
+                  "ended_at": c.user_turns + 1 if c.end_reason == USER_ENDED else None}
+        if c.end_reason == ASSISTANT_ERROR:
+            record["assistant_error"] = c.assistant_error
+        if c.end_reason == INTENT_TOO_LONG:
+            record["error"] = c.error
+        records.append(record)
     return records
 
 

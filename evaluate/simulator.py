@@ -10,9 +10,7 @@
     sim.generate([TurnRequest(intent, turns, allow_end), ...])   # many conversations in one batch
 
 `simulate_conversations(sim, assistant, items, ...)` runs whole conversations against an assistant
-(evaluate.assistants), many at once: every round draws the next user turn of all running
-conversations in one batch and asks the assistant for all replies at once; a finished conversation
-makes room for the next one.
+(evaluate.assistants), many at once, through the conversation runner (evaluate.conversation).
 
 Generation goes through a `TurnSampler` backend: `sample(prompts, forbid_end, ban_first_word) ->
 [Sample]`. `HFTurnSampler` (core.runtime's batched generation) is the one here; a vLLM
@@ -295,74 +293,15 @@ class UserSimulator:
 
 
 # ---- whole conversations -------------------------------------------------------------------------
-class Assistant(Protocol):
-    def reply(self, conversations: Sequence[Sequence[dict]]) -> list:
-        """evaluate.assistants.AssistantReply (text, or error) for each conversation (user turn last)."""
-
-
-def plain(turns: Sequence[dict]) -> list[dict]:
-    """Turns without their metadata: what the user LM and the assistant see."""
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
-
-
-def simulate_conversations(simulator: UserSimulator, assistant: Assistant, items: Iterable[dict],
+def simulate_conversations(simulator: UserSimulator, assistant, items: Iterable[dict],
                            max_user_turns: int, end_allowed_after: int, pool_size: int) -> Iterator[dict]:
-    """Run conversations for `items` ({id, intent}), up to `pool_size` at once; yield each finished one.
-
-    A conversation ends when the user sends <|endconversation|> (end_reason user_ended; allowed
-    once `end_allowed_after` user turns were sent) or after `max_user_turns` answered user turns
-    (max_turns), or when the assistant's request failed for good (assistant_error, with the error
-    and its reason: an HTTP error, a reply over the client's size cap, ...), or at once when the
-    intent alone does not fit in the user LM's context (intent_too_long, with the error). A failed
-    conversation is recorded and the others go on.
-    Yielded record: id, intent, turns (user turns carry their guardrail metadata and prompt
-    length), ended, end_reason, end_turn (the guardrail metadata of the ending sample, or None),
-    truncated_prompts (user-LM prompts of this conversation cut to the context).
+    """evaluate.simulate's conversations for `items` ({id, intent}) with `assistant`
+    (evaluate.conversation.Assistant), up to `pool_size` at once: the conversation runner (its end
+    reasons) stopped after `max_user_turns` answered user turns; yields each finished one's
+    transcript record (Conversation.transcript).
     """
-    queue = iter(items)
-    active: list[dict] = []
-    while True:
-        while len(active) < pool_size and (item := next(queue, None)) is not None:
-            conversation = {"id": item["id"], "intent": item["intent"], "turns": [], "ended": False,
-                            "end_reason": None, "end_turn": None, "truncated_prompts": 0}
-            try:
-                simulator.check_intent_fits(item["intent"])
-            except ValueError as e:
-                conversation.update(end_reason="intent_too_long", error=str(e))
-                yield conversation
-                continue
-            active.append(conversation)
-        if not active:
-            return
-        user_turns = simulator.generate([
-            TurnRequest(c["intent"], plain(c["turns"]), allow_end=_user_turns(c) >= end_allowed_after)
-            for c in active])
-        waiting = []
-        for conversation, turn in zip(active, user_turns):
-            conversation["truncated_prompts"] += turn.prompt_truncated
-            if turn.ended:
-                conversation.update(ended=True, end_reason="user_ended", end_turn=turn.guardrails.to_dict())
-                yield conversation
-                continue
-            conversation["turns"].append({"role": USER, "content": turn.text, "tokens": turn.tokens,
-                                          "truncated": turn.truncated, "prompt_tokens": turn.prompt_tokens,
-                                          "guardrails": turn.guardrails.to_dict()})
-            waiting.append(conversation)
-        replies = assistant.reply([plain(c["turns"]) for c in waiting]) if waiting else []
-        active = []
-        for conversation, reply in zip(waiting, replies):
-            if reply.text is None:
-                conversation.update(end_reason="assistant_error", assistant_error=reply.error,
-                                    assistant_error_reason=reply.reason)
-                yield conversation
-                continue
-            conversation["turns"].append({"role": "assistant", "content": reply.text})
-            if _user_turns(conversation) >= max_user_turns:
-                conversation["end_reason"] = "max_turns"
-                yield conversation
-            else:
-                active.append(conversation)
-
-
-def _user_turns(conversation: dict) -> int:
-    return sum(t["role"] == USER for t in conversation["turns"])
+    from evaluate import conversation  # not at the top: evaluate.conversation imports this module
+    for finished in conversation.run_conversations(simulator, assistant, ((i["id"], i["intent"]) for i in items),
+                                                   conversation.max_user_turns(max_user_turns), end_allowed_after,
+                                                   pool_size):
+        yield finished.transcript()

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from scripts.hydra_compose import compose_config  # noqa: F401  (the tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,15 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 SAMPLE = REPO / "data_prep" / "sample"
-
-
-def compose_config(stage: str, overrides: list[str], config_name: str = "config"):
-    """Compose conf/<stage>/<config_name>.yaml with overrides, as the stage's Hydra main would."""
-    import data_prep.config  # noqa: F401  (registers the data_prep schema)
-    with initialize_config_dir(config_dir=str(CONF / stage), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
 
 
 @pytest.fixture(scope="session")
@@ -198,3 +191,17 @@ def build_tiny_detector(tiny_assets: Path, out: Path, zero_head: bool) -> Path:
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_assets, tmp_path_factory) -> Path:
     return build_tiny_detector(tiny_assets, tmp_path_factory.mktemp("detector"), zero_head=False)
+
+
+def preset_changes(stage: str, preset: str, overrides: list[str]) -> dict:
+    """The leaf values (dotted keys, unresolved) that experiment=<preset> changes in conf/<stage>."""
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+    base = leaves(OmegaConf.to_container(compose_config(stage, overrides)))
+    changed = leaves(OmegaConf.to_container(compose_config(stage, [f"experiment={preset}", *overrides])))
+    return {key: value for key, value in changed.items() if base.get(key, "<absent>") != value}

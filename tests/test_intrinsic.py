@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from evaluate import intrinsic_metrics as m
 from evaluate.intrinsic import run as run_intrinsic
@@ -49,6 +50,17 @@ def expected_adherence(records, adhered_when: bool, failing: str | None) -> dict
     return m.adherence(verdicts)
 
 
+def detector_human_percent(detector_dir, texts) -> float:
+    """100 x the mean P(human) of the detector, one text at a time (no padding, no batching)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(detector_dir)
+    detector = AutoModelForSequenceClassification.from_pretrained(detector_dir).eval()
+    human = detector.config.label2id["human"]
+    with torch.no_grad():
+        return 100 * sum(torch.softmax(detector(**tokenizer(text, return_tensors="pt")).logits[0], -1)[human].item()
+                         for text in texts) / len(texts)
+
+
 def test_intrinsic_metrics_end_to_end(biased_user_lm, tiny_data, tiny_prism, tiny_detector, tmp_path):
     import evaluate.simulate_config  # noqa: F401
     simulation = run_simulate(compose_config("simulate", [
@@ -77,7 +89,8 @@ def test_intrinsic_metrics_end_to_end(biased_user_lm, tiny_data, tiny_prism, tin
     assert metrics["intent_decomposition"]["value"] == pytest.approx(m.intent_decomposition(
         [(r["intent"], t) for r, t in zip(records, turns)], "You are a user chatting with an assistant language model to"
     )["overlap"])
-    assert metrics["naturalness"]["texts"] == len(first_turns) and 0 < metrics["naturalness"]["value"] < 100
+    assert metrics["naturalness"]["texts"] == len(first_turns)
+    assert metrics["naturalness"]["value"] == pytest.approx(detector_human_percent(tiny_detector, first_turns), rel=1e-4)
     termination = metrics["dialogue_termination"]
     assert termination["positions"] > 0 and termination["real_ends"] > 0 and termination["value"] is not None
     # Judged metrics: the server's verdicts, recomputed here from the recorded conversations.

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate.config  # noqa: F401  (registers the schemas before composing)
 from data_prep.chat_format import END_CONVERSATION, USER, ChatEncoder
 from evaluate.perplexity import result_name, run
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, compose_config, preset_changes
 
 
 def perplexity_config(tmp_path, model, tiny_data, tiny_prism, *extra):
@@ -131,9 +131,14 @@ def test_result_file_is_reproducible_and_guarded(tmp_path, tiny_userlm_model, ti
 
 
 def test_presets_compose():
+    """Each preset by the values it changes (and nothing else)."""
+    assert preset_changes("perplexity", "tiny", ["model=m"]) == {
+        "data_dirs.wildchat": "outputs/tiny/data/wildchat", "data_dirs.prism": "outputs/tiny/data/prism",
+        "max_seq_len": 512, "max_tokens_per_batch": 8192, "bootstrap.samples": 200,
+        "output_dir": "outputs/tiny/results/perplexity"}
+    assert preset_changes("perplexity", "paper", ["model=m"]) == {
+        "data_dirs.wildchat": "outputs/paper/data/wildchat", "data_dirs.prism": "outputs/paper/data/prism"}
     for preset in ("tiny", "paper"):
-        cfg = compose_config("perplexity", [f"experiment={preset}", "model=m"])
-        assert cfg.data_dirs.wildchat.endswith("data/wildchat")
         assert compose_config("table", [f"experiment={preset}"]).tables == ["perplexity", "intrinsic"]
     with pytest.raises(Exception, match="no_such_key"):
         compose_config("perplexity", ["model=m", "no_such_key=1"])
@@ -142,10 +147,16 @@ def test_presets_compose():
 @pytest.mark.slow
 def test_command_line(tmp_path, tiny_userlm_model, tiny_data, tiny_prism):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, "-m", "evaluate.perplexity", "experiment=tiny", f"model={tiny_userlm_model}",
-                    f"data_dirs.prism={tiny_prism}", "dataset=prism", "intent=none", "name=cli",
-                    f"output_dir={tmp_path}"], check=True, cwd=tmp_path, env=env, timeout=300)
-    assert json.loads((tmp_path / "cli" / "prism-none.json").read_text())["ppl"] > 1
+    overrides = ["experiment=tiny", f"model={tiny_userlm_model}", f"data_dirs.prism={tiny_prism}", "dataset=prism",
+                 "intent=none", "name=cli"]
+    subprocess.run([sys.executable, "-m", "evaluate.perplexity", *overrides, f"output_dir={tmp_path / 'cli'}"],
+                   check=True, cwd=tmp_path, env=env, timeout=300)
+    cli = json.loads((tmp_path / "cli" / "cli" / "prism-none.json").read_text())
+    in_process = json.loads(run(compose_config("perplexity", [*overrides, f"output_dir={tmp_path / 'in_process'}"]))
+                            .read_text())
+    assert (cli["ppl"], cli["nll_sum"], cli["target_tokens"]) == (in_process["ppl"], in_process["nll_sum"],
+                                                                  in_process["target_tokens"])
+    assert cli["target_tokens"] > 0 and cli["ppl"] == pytest.approx(math.exp(cli["nll_sum"] / cli["target_tokens"]))
 
 
 def test_a_stopped_run_resumes_from_its_saved_chunks(tmp_path, tiny_userlm_model, tiny_data, tiny_prism):

@@ -15,7 +15,7 @@ import torch
 
 from evaluate.simulate import run
 from evaluate.transcripts import read_transcripts
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, compose_config, preset_changes
 from tests.openai_server import OpenAIServer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -158,12 +158,89 @@ def test_an_instruct_model_plays_the_user_through_flipped_chat(tiny_chatml_model
     assert all(t.text is not None and not t.ended and 0 < t.tokens <= 6 for t in turns)
 
 
+def test_first_turn_and_next_turn(biased_user_lm):
+    """The public one-turn API. The biased user LM ends conversations whenever it can: the first
+    turn may not end (the end token is masked), a later one may when allowed, and never when not."""
+    from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator
+    from tests.conftest import BIASED_TURN
+    simulator = UserSimulator.from_pretrained(str(biased_user_lm), SamplingSettings(max_new_tokens=16),
+                                              GuardrailSettings(max_retries=2))
+    intent = "You are a user chatting with an assistant language model to plan a trip to Lisbon."
+    torch.manual_seed(0)
+    first = simulator.first_turn(intent)
+    assert not first.ended and first.text == BIASED_TURN
+    assert first.prompt_tokens == len(simulator.protocol.build_prompt(intent, []))
+    assert first.guardrails.intervened["end_conversation"] and first.guardrails.removed_mass["end_conversation"] > 0.2
+    history = [{"role": "user", "content": first.text}, {"role": "assistant", "content": "Sure, what kind of trip?"}]
+    allowed = [simulator.next_turn(intent, history, allow_end=True) for _ in range(8)]
+    assert any(t.ended for t in allowed) and all((t.text is None) == t.ended for t in allowed)
+    assert all(t.prompt_tokens == len(simulator.protocol.build_prompt(intent, history)) for t in allowed)
+    forbidden = [simulator.next_turn(intent, history, allow_end=False) for _ in range(4)]
+    assert all(t.text and not t.ended and t.guardrails.intervened["end_conversation"] for t in forbidden)
+    # Its one habitual text repeats the first turn: the repetition guardrail resamples it.
+    assert all(t.guardrails.rejected.get("repetition", 0) > 0 for t in forbidden)
+
+
+def test_a_stop_rule_ends_conversations_with_its_own_reason(tiny_userlm_model):
+    """The runner's extension point (the extrinsic evaluation's task_solved): the rule sees every
+    turn as it is added, and its end reason ends that conversation; a pool of one refills."""
+    from evaluate.assistants import ScriptedAssistant
+    from evaluate.conversation import max_user_turns, run_conversations
+    from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator
+    simulator = UserSimulator.from_pretrained(str(tiny_userlm_model), SamplingSettings(max_new_tokens=6),
+                                              GuardrailSettings(max_retries=0))
+    seen = []
+
+    def solved_on_the_second_answer(conversation):
+        seen.append((conversation.id, conversation.turns[-1]["role"]))
+        answers = sum(t["role"] == "assistant" for t in conversation.turns)
+        return "task_solved" if answers == 2 else None
+
+    torch.manual_seed(0)
+    items = [("a", "You are a user chatting with an assistant language model to fix a bike."),
+             ("b", "You are a user chatting with an assistant language model to bake bread.")]
+    finished = list(run_conversations(simulator, ScriptedAssistant(["One.", "Two."]), items,
+                                      solved_on_the_second_answer, end_allowed_after=99, pool_size=1))
+    assert [(c.id, c.end_reason) for c in finished] == [("a", "task_solved"), ("b", "task_solved")]
+    assert [[t["role"] for t in c.turns] for c in finished] == [["user", "assistant"] * 2] * 2
+    assert [t["content"] for t in finished[0].turns[1::2]] == ["One.", "Two."]
+    assert seen == [(c, role) for c in "ab" for role in ("user", "assistant") * 2]
+    # max_user_turns: after the answer (evaluate.simulate) or right after the user turn (judges).
+    for answered, roles in ((True, ["user", "assistant"]), (False, ["user"])):
+        [c] = run_conversations(simulator, ScriptedAssistant(["One."]), items[:1], max_user_turns(1, answered),
+                                end_allowed_after=99, pool_size=1)
+        assert c.end_reason == "max_turns" and [t["role"] for t in c.turns] == roles
+        assert c.transcript()["ended"] is False and c.transcript()["end_reason"] == "max_turns"
+
+
 def test_presets_compose():
+    """Each preset by the values it changes (and nothing else)."""
     import evaluate.simulate_config  # noqa: F401
-    for preset in ("tiny", "paper"):
-        cfg = compose_config("simulate", [f"experiment={preset}"])
-        assert cfg.sampling.top_p == 0.8 and cfg.sampling.temperature == 1.0          # the card's settings
-        assert compose_config("intrinsic", [f"experiment={preset}", "simulation=x"]).first_turns > 0
-    generation_config = compose_config("simulate", ["sampling=generation_config"]).sampling
-    assert (generation_config.temperature, generation_config.top_p) == (0.6, 0.9)
+    tiny = preset_changes("simulate", "tiny", [])
+    assert tiny.pop("assistant.hf.chat_template").startswith("{%- for m in messages -%}")
+    assert tiny == {"user_model.name_or_path": "outputs/tiny/train/model", "user_model.batch_size": 8,
+                    "sampling.max_new_tokens": 40, "guardrails.max_retries": 2, "assistant.kind": "hf",
+                    "assistant.sampling.do_sample": True, "assistant.sampling.max_new_tokens": 24,
+                    "assistant.hf.name_or_path": "outputs/tiny/model",
+                    "assistant.hf.stop_tokens": ["<|eot_id|>", "<|end_of_text|>"], "assistant.hf.batch_size": 8,
+                    "intents.path": "outputs/tiny/data/wildchat", "intents.limit": 8, "conversation.max_user_turns": 3,
+                    "output_dir": "outputs/tiny/simulate"}
+    assert preset_changes("simulate", "paper", []) == {
+        "user_model.batch_size": 64, "assistant.sampling.max_new_tokens": 1024,
+        "assistant.openai.base_url": "https://api.openai.com/v1", "assistant.openai.model": "gpt-4o-2024-08-06",
+        "assistant.openai.api_key_env": "OPENAI_API_KEY", "intents.path": "outputs/paper/data/wildchat",
+        "intents.limit": 2000, "output_dir": "outputs/paper/simulate/${model_dir:${user_model.name_or_path},"
+                                             "${user_model.protocol}}"}
     assert compose_config("simulate", ["experiment=paper"]).output_dir == "outputs/paper/simulate/microsoft--UserLM-8b"
+    assert preset_changes("intrinsic", "tiny", ["simulation=x"]) == {
+        "name": "tiny-user-lm", "metrics": ["first_turn_diversity", "intent_decomposition", "dialogue_termination"],
+        "termination.data_dir": "outputs/tiny/data/prism", "termination.max_seq_len": 512,
+        "output_dir": "outputs/tiny/results/intrinsic"}
+    assert preset_changes("intrinsic", "paper", ["simulation=x"]) == {
+        "termination.data_dir": "outputs/paper/data/prism", "judge.client.base_url": "https://api.openai.com/v1",
+        "judge.client.model": "gpt-4o-2024-08-06", "judge.client.api_key_env": "OPENAI_API_KEY"}
+    # The sampling presets: the card's (the default) and generation_config.json's.
+    card, generation_config = (compose_config("simulate", [f"sampling={name}"]).sampling
+                               for name in ("card", "generation_config"))
+    assert (card.temperature, card.top_p) == (1.0, 0.8)
+    assert (generation_config.temperature, generation_config.top_p) == (0.6, 0.9)

@@ -182,3 +182,20 @@ def test_training_fingerprint_follows_data_and_recipe_not_bookkeeping(tmp_path):
     assert training_fingerprint(compose_config("train", base + ["train.epochs=9"]), data_dir) != reference
     (data_dir / "manifest.json").write_text('{"a": 2}')  # data_prep rewrote the data
     assert training_fingerprint(compose_config("train", base), data_dir) != reference
+
+
+def test_training_flops_by_hand():
+    """One step's FLOPs for a model small enough to count by hand (what train/run.py logs as mfu)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from train.metrics import training_flops
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    # q, k, v, o (8 x 8 each), gate, up, down (8 x 16 each), three RMSNorms of 8, lm_head 32 x 8;
+    # the embedding table (32 x 8) is a lookup, as train/run.py counts it.
+    matmul_params = 4 * 8 * 8 + 3 * 8 * 16 + 3 * 8 + 32 * 8
+    assert sum(p.numel() for p in model.parameters()) - 32 * 8 == matmul_params == 920
+    # Two examples of 3 and 5 tokens: 6 x 920 x 8 for the weights; causal QK^T and AV, 2 x n^2 x 8
+    # forward per layer and example (half of the square), x3 with the backward pass: 6 x 8 x (9 + 25).
+    flops = training_flops(matmul_params, layers=1, hidden=8, tokens=3 + 5, squared_lengths=3 ** 2 + 5 ** 2)
+    assert flops == 6 * 920 * 8 + 6 * 8 * (9 + 25) == 45792

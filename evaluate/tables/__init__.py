@@ -1,9 +1,11 @@
 """Result tables in the paper's layout: ours beside the paper's numbers, as Markdown, CSV and PNG.
 
 A table is built by a module evaluate/tables/<name>.py whose `build(section_cfg) -> Table` reads
-its results (perplexity.py: evaluate.perplexity's JSON files); `python -m evaluate.table` builds
-the tables its config lists and writes them with `write_table`. Adding a table is one module, one
-schema field in evaluate/config.py and one YAML section: nothing here changes.
+its results (perplexity.py: evaluate.perplexity's JSON files) and lays them out beside the paper's
+numbers with `beside_paper`, which every table shares (its rows, paper_rows, the cells, the notes);
+`python -m evaluate.table` builds the tables its config lists and writes them with `write_table`.
+Adding a table is one module, one schema field in evaluate/config.py and one YAML section: nothing
+here changes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 from core import artifacts
 
@@ -41,6 +44,31 @@ class Table:
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
+
+
+def beside_paper(cfg, name: str, title: str, columns: Iterable[str], paper: dict[str, dict[str, float]],
+                 result_names: Iterable[str], ours: Callable[[str], tuple[dict[str, Cell], str]],
+                 notes: Iterable[str], log_scale: bool = False) -> Table:
+    """Our results beside the paper's numbers. Rows: the paper's (`paper`: row -> column -> its
+    number, in its order), then each result name that `cfg.paper_rows` (result name -> the paper
+    row it reproduces) does not map. `ours(result name)` -> (its cells by column: ours, ci, source;
+    a note on where they come from); the table's notes: one per result, then `notes`."""
+    unknown = set(cfg.paper_rows.values()) - set(paper)
+    if unknown:
+        raise ValueError(f"paper_rows names rows the paper does not have: {sorted(unknown)}; rows: {list(paper)}")
+    names = list(result_names)
+    label = {result: cfg.paper_rows.get(result, result) for result in names}
+    cells = {(row, column): Cell(paper=number) for row, numbers in paper.items() for column, number in numbers.items()}
+    table_notes = []
+    for result in names:
+        found, note = ours(result)
+        for column, cell in found.items():
+            target = cells.setdefault((label[result], column), Cell())
+            target.ours, target.ci, target.source = cell.ours, cell.ci, cell.source
+        table_notes.append(f"{label[result]}: {note}")
+    return Table(name=name, title=title, columns=list(columns),
+                 rows=list(paper) + [result for result in names if result not in cfg.paper_rows], cells=cells,
+                 log_scale=log_scale, notes=table_notes + list(notes))
 
 
 def _number(value: float | None, signed: bool = False) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaluate.tables import Cell, Table
+from evaluate.tables import Cell, Table, beside_paper
 
 COLUMNS = {  # column -> (dataset, intent or None for the configured one)
     "WildChat no intent": ("wildchat", "none"),
@@ -19,7 +19,7 @@ COLUMNS = {  # column -> (dataset, intent or None for the configured one)
     "PRISM no intent": ("prism", "none"),
     "PRISM intent": ("prism", None),
 }
-PAPER = {  # the paper's Table: held-out user-turn perplexity, in its row order
+PAPER_NUMBERS = {  # the paper's Table: held-out user-turn perplexity, in its row order and COLUMNS order
     "Llama3.2-1b-Base": (37.68, 29.09, 84.00, 53.54),
     "Llama3-8b-Base": (98.29, 48.13, 89.98, 40.86),
     "Llama3.2-1b-Instruct": (26.08, 16.08, 35.02, 20.80),
@@ -28,34 +28,26 @@ PAPER = {  # the paper's Table: held-out user-turn perplexity, in its row order
     "UserLM-1b": (8.30, 7.78, 18.58, 10.33),
     "UserLM-8b": (5.60, 4.33, 14.92, 7.42),
 }
+PAPER = {row: dict(zip(COLUMNS, numbers)) for row, numbers in PAPER_NUMBERS.items()}
 
 
 def build(cfg) -> Table:
     results_dir = Path(cfg.results_dir)
-    unknown = set(cfg.paper_rows.values()) - set(PAPER)
-    if unknown:
-        raise ValueError(f"paper_rows names rows the paper does not have: {sorted(unknown)}; rows: {list(PAPER)}")
-    names = sorted({p.parent.name for p in results_dir.glob("*/*.json")})
-    label = {name: cfg.paper_rows.get(name, name) for name in names}
-    rows = list(PAPER) + [name for name in names if name not in cfg.paper_rows]
-    cells: dict[tuple[str, str], Cell] = {}
-    for row, numbers in PAPER.items():
-        for column, number in zip(COLUMNS, numbers):
-            cells[row, column] = Cell(paper=number)
-    notes = []
-    for name in names:
-        scoring = set()
+
+    def ours(name: str) -> tuple[dict[str, Cell], str]:
+        cells, scoring = {}, set()
         for column, (dataset, intent) in COLUMNS.items():
             path = results_dir / name / f"{dataset}-{intent or cfg.intent}.json"
             if not path.exists():
                 continue
             result = json.loads(path.read_text())
-            cell = cells.setdefault((label[name], column), Cell())
-            cell.ours, cell.ci, cell.source = result["ppl"], result["ppl_ci"], str(path)
+            cells[column] = Cell(ours=result["ppl"], ci=result["ppl_ci"], source=str(path))
             scoring.add(f"protocol {result['protocol']}, {result['mode']}, <|endconversation|> "
                         f"{result['end_token']['handling']}")
-        notes.append(f"{label[name]}: {results_dir / name} ({'; '.join(sorted(scoring)) or 'no result in these columns'})")
-    notes.append(f"ours: intent=none for the no-intent columns, intent={cfg.intent} for the intent columns; "
-                 "ours' bootstrap intervals over conversations are in the CSV")
-    return Table(name="perplexity", title="Held-out perplexity of user turns (lower is better)",
-                 columns=list(COLUMNS), rows=rows, cells=cells, log_scale=True, notes=notes)
+        return cells, f"{results_dir / name} ({'; '.join(sorted(scoring)) or 'no result in these columns'})"
+
+    return beside_paper(
+        cfg, "perplexity", "Held-out perplexity of user turns (lower is better)", COLUMNS, PAPER,
+        sorted({p.parent.name for p in results_dir.glob("*/*.json")}), ours,
+        [f"ours: intent=none for the no-intent columns, intent={cfg.intent} for the intent columns; "
+         "ours' bootstrap intervals over conversations are in the CSV"], log_scale=True)
