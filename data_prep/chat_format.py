@@ -168,6 +168,8 @@ class ChatEncoder:
 
     def encode_bodies(self, contents: Sequence[str]) -> list[list[int]]:
         """Body token ids ("\\n" + content + <|eot_id|>) of many messages in one batched call."""
+        if not contents:  # (a tokenizer call on an empty batch raises)
+            return []
         encoded = self.tokenizer(["\n" + c for c in contents], add_special_tokens=False)["input_ids"]
         return [ids + [self.eot_id] for ids in encoded]
 

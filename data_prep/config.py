@@ -146,8 +146,8 @@ class IntentChecksConfig:
 class HFGeneratorConfig:
     model: str = MISSING              # local path or hub id of a causal LM
     batch_size: int = MISSING
-    device: str = MISSING             # cpu | cuda | cuda:1 ...
-    dtype: str = MISSING              # float32 | bfloat16 | float16
+    device: str = MISSING             # auto | cpu | cuda | cuda:1 ... (core.runtime)
+    dtype: str = MISSING              # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
     trust_remote_code: bool = MISSING
 
 

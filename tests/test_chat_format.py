@@ -175,3 +175,10 @@ def test_a_window_drops_its_context_rather_than_cut_a_target_that_fits(tiny_toke
     last = windows[-1]
     assert last.target_turns == [1] and not any(len(w.input_ids) > 256 for w in windows)
     assert tiny_tokenizer.decode([t for t in last.labels if t != IGNORE_INDEX]) == "\n" + turns[2]["content"] + EOT
+
+
+def test_a_first_turn_without_intent_prompts_with_the_user_header_alone(tiny_tokenizer):
+    """No intent and no turns yet: no messages at all, which a batched tokenizer call cannot take."""
+    encoder = ChatEncoder(tiny_tokenizer)
+    assert encoder.prompt_ids([]) == encoder.header_ids["user"]
+    assert encoder.prompt_ids_within([], 64) == (encoder.header_ids["user"], False)
