@@ -17,11 +17,11 @@ import json
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from core import runtime
+from core.prepared import load_conversations
 from data_prep.chat_format import PAD_TOKEN
 from evaluate.metrics import summary
 from evaluate.protocols import make_protocol
@@ -62,7 +62,7 @@ def main() -> None:
     args.device = str(runtime.resolve_device(args.device))
     dtype = runtime.resolve_dtype(args.dtype, args.device)
 
-    conversations = datasets.load_from_disk(str(args.data_dir / "conversations" / args.split)).to_list()[:args.limit]
+    conversations = load_conversations(args.data_dir, args.split, args.limit).to_list()
     tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")
     model = load_model(args.model, dtype, args.device)
     in_vocabulary = tokenizer.convert_tokens_to_ids("<|endconversation|>") < model.get_input_embeddings().num_embeddings

@@ -21,12 +21,12 @@ import json
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoTokenizer
 
 from benchmarks.ppl_throughput import load_model, synchronize  # the same models as the perplexity benchmark
 from core import runtime
+from core.prepared import load_conversations
 from data_prep.chat_format import PAD_TOKEN
 from evaluate.assistants import ScriptedAssistant
 from evaluate.protocols import make_protocol
@@ -76,7 +76,7 @@ def main() -> None:
     model = load_model(args.model, dtype, args.device)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    intents = datasets.load_from_disk(str(args.data_dir / "conversations" / "train"))["intent"]
+    intents = load_conversations(args.data_dir, "train")["intent"]
     items = [{"id": str(i), "intent": intents[i % len(intents)]} for i in range(args.conversations)]
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {parameters:,} parameters, {dtype} on {args.device}; {len(items)} conversations x "

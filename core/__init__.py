@@ -4,4 +4,7 @@
                       manifests and fingerprints
     core.jsonl        append-only JSON Lines: the durable appender and the torn-line-aware reader
     core.llm_client   the OpenAI-compatible HTTP client (concurrency, retries, rate limits, keys)
+    core.runtime      the model runtime: device and dtype, loading, stop tokens, the generation pad,
+                      batched generation, padded batches
+    core.prepared     the one reader of data_prep's output (examples, conversations), completeness checked
 """

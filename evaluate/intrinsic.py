@@ -27,7 +27,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import datasets
 import hydra
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from transformers import AutoModelForSequenceClassification
 import evaluate.simulate_config  # noqa: F401  (registers the config schemas)
 from core import artifacts, runtime
 from core.llm_client import check_config_key_names
+from core.prepared import load_conversations
 from data_prep.chat_format import USER
 from evaluate import intrinsic_metrics as m
 from evaluate.assistants import describe, make_assistant
@@ -195,10 +195,7 @@ def adherence(cfg, metric: str, item_kind: str, inputs: Inputs) -> dict:
 def termination(cfg, simulator) -> dict:
     if simulator.protocol.name != "userlm" or simulator.end_token_id is None:
         return {"skipped": "needs the userlm protocol and <|endconversation|> in the vocabulary"}
-    data = datasets.load_from_disk(str(Path(cfg.data_dir) / "conversations" / cfg.split))
-    if cfg.limit is not None:
-        data = data.select(range(min(cfg.limit, len(data))))
-    rows = data.select_columns(["intent", "turns", "ended"]).to_list()
+    rows = load_conversations(cfg.data_dir, cfg.split, cfg.limit).select_columns(["intent", "turns", "ended"]).to_list()
     decisions = m.termination_decisions(simulator.sampler.model, simulator.protocol, rows, cfg.max_seq_len,
                                         cfg.max_tokens_per_batch, cfg.max_batch_size)
     real, probability = np.asarray(decisions["real_end"]), np.asarray(decisions["end_probability"])
@@ -214,7 +211,7 @@ def human_reference(cfg, sim_manifest: dict, records: list[dict], models: Models
     if "data_dir" not in source:
         print("human: skipped (the simulation's intents did not come from a data_prep directory)")
         return
-    real = datasets.load_from_disk(str(Path(source["data_dir"]) / "conversations" / source["split"]))
+    real = load_conversations(source["data_dir"], source["split"])
     by_hash = {row["conversation_hash"]: row for row in real.select_columns(["conversation_hash", "intent", "turns"])}
     rows = [by_hash[r["id"].split("#")[0]] for r in records if r["id"].split("#")[0] in by_hash]
     conversations = [(row["intent"], user_turns(row["turns"])) for row in rows]

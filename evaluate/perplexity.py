@@ -29,14 +29,14 @@ import os
 import shutil
 from pathlib import Path
 
-import datasets
 import hydra
 import numpy as np
 from tqdm import tqdm
 
 from core import artifacts, runtime
-from evaluate.config import result_name  # (importing it registers the config schemas)
+from core.prepared import check_prepared, load_conversations
 from data_prep.chat_format import END_CONVERSATION, USER
+from evaluate.config import result_name  # (importing it registers the config schemas)
 from evaluate.metrics import perplexity_report
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
@@ -140,10 +140,7 @@ def score(cfg, result_dir: Path) -> Path:
     # ---- config ------------------------------------------------------------------------------
     if cfg.dataset not in cfg.data_dirs:
         raise ValueError(f"dataset={cfg.dataset!r}: expected one of data_dirs {sorted(cfg.data_dirs)}")
-    data_dir = Path(cfg.data_dirs[cfg.dataset])
-    if not artifacts.is_complete(data_dir):
-        raise FileNotFoundError(f"{data_dir} is not a complete data_prep output (no COMPLETED marker): "
-                                f"run python -m data_prep first")
+    data_dir = check_prepared(cfg.data_dirs[cfg.dataset])
     name = result_dir.name
     out_path = result_dir / f"{cfg.dataset}-{cfg.intent}.json"
     config = artifacts.resolved_config(cfg)
@@ -152,10 +149,7 @@ def score(cfg, result_dir: Path) -> Path:
     dtype = runtime.resolve_dtype(cfg.dtype, device)
 
     # ---- data --------------------------------------------------------------------------------
-    conversations = datasets.load_from_disk(str(data_dir / "conversations" / cfg.split))
-    if cfg.limit is not None:
-        conversations = conversations.select(range(min(cfg.limit, len(conversations))))
-    rows = conversations.select_columns(["conversation_hash", "intent", "turns", "ended"]).to_list()
+    rows = load_conversations(data_dir, cfg.split, cfg.limit).select_columns(["conversation_hash", "intent", "turns", "ended"]).to_list()
     if not rows:
         raise ValueError(f"{data_dir}/conversations/{cfg.split} has no conversations")
 

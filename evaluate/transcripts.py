@@ -15,11 +15,10 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-import datasets
-
 from core import artifacts
-from data_prep.chat_format import USER
 from core.jsonl import jsonl_rows
+from core.prepared import load_conversations
+from data_prep.chat_format import USER
 from data_prep.intents.store import read_intents
 from evaluate.guardrails import guardrail_report
 
@@ -31,10 +30,7 @@ def read_intent_items(path: str, split: str, limit: int | None) -> tuple[list[di
     store data_prep reads) or from a data_prep output directory (its conversations/<split>)."""
     source = Path(path)
     if source.is_dir():
-        if not artifacts.is_complete(source):
-            raise FileNotFoundError(f"{source} is not a complete data_prep output (no COMPLETED marker)")
-        rows = datasets.load_from_disk(str(source / "conversations" / split)).select_columns(
-            ["conversation_hash", "intent"]).to_list()
+        rows = load_conversations(source, split).select_columns(["conversation_hash", "intent"]).to_list()
         pairs = [(row["conversation_hash"], row["intent"]) for row in rows]
         provenance = {"data_dir": str(source), "split": split,
                       "manifest_sha256": artifacts.sha256_of(source / "manifest.json")}

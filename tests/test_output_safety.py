@@ -200,3 +200,19 @@ def test_one_intents_generation_per_store(tmp_path):
         holder.kill()
         holder.wait()
     assert not store.exists()
+
+
+def test_every_stage_reads_data_prep_output_through_one_checked_reader(tiny_data, tmp_path):
+    """An incomplete output (a run still writing, or killed) and an absent split are clear errors."""
+    import shutil
+
+    from core.prepared import load_conversations, load_examples
+    assert len(load_conversations(tiny_data, "test", limit=3)) == 3
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_data, partial)
+    with pytest.raises(FileNotFoundError, match="no such split"):
+        load_examples(partial, "nonexistent")
+    (partial / artifacts.COMPLETED).unlink()
+    for load in (load_examples, load_conversations):
+        with pytest.raises(FileNotFoundError, match="not a complete data_prep output"):
+            load(partial, "test")

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from core.artifacts import is_complete
+from core.prepared import load_examples
 from data_prep.chat_format import IGNORE_INDEX
 
 REQUIRED_COLUMNS = ("conversation_hash", "input_ids", "labels", "num_tokens", "num_target_tokens")
@@ -43,10 +43,7 @@ class Split:
 
 
 def load_split(data_dir: Path, split: str, limit: int | None, max_seq_len: int) -> Split:
-    if not is_complete(data_dir):
-        raise FileNotFoundError(f"{data_dir} is not a finished data_prep output (no COMPLETED marker): "
-                                "run `python -m data_prep` first")
-    examples = datasets.load_from_disk(str(data_dir / split))
+    examples = load_examples(data_dir, split)
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
         raise ValueError(f"{data_dir / split}: missing column(s) {missing}; is it data_prep's output?")
