@@ -76,15 +76,23 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write text atomically (temp file + rename)."""
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside `path` (unique to this writer) that replaces `path` once the
+    block finishes without error; a failed block leaves `path` as it was and no temporary."""
     path = Path(path)
     tmp = temporary_name(path, "tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file + rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def is_complete(directory: Path) -> bool:

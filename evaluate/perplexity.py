@@ -123,10 +123,8 @@ def score_chunk(cfg, protocol, model, rows: list[dict], first: int) -> dict:
 
 
 def save_chunk(path: Path, arrays: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
+    with artifacts.atomic_file(path) as temporary, open(temporary, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(temporary, path)
 
 
 def run(cfg) -> Path:

@@ -136,7 +136,7 @@ def plot(table: Table, path: Path) -> None:
     figure.suptitle(table.title, fontsize=10)
     figure.tight_layout()
     # Fixed metadata: the same numbers give the same bytes.
-    figure.savefig(path, dpi=120, metadata={"Software": None})
+    figure.savefig(path, format="png", dpi=120, metadata={"Software": None})
     plt.close(figure)
 
 
@@ -145,7 +145,6 @@ def write_table(table: Table, output_dir: Path) -> list[Path]:
     paths = [output_dir / f"{table.name}.md", output_dir / f"{table.name}.csv", output_dir / f"{table.name}.png"]
     artifacts.write_text(paths[0], to_markdown(table))
     artifacts.write_text(paths[1], to_csv(table))
-    temporary = paths[2].with_name(paths[2].name + ".tmp.png")
-    plot(table, temporary)
-    temporary.replace(paths[2])
+    with artifacts.atomic_file(paths[2]) as temporary:
+        plot(table, temporary)
     return paths
