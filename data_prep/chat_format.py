@@ -18,6 +18,7 @@ constants, and tests/test_chat_format.py proves that they agree token for token.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
 from typing import Callable, Sequence
@@ -49,11 +50,22 @@ class FlipMode(StrEnum):
     per_conversation = auto()   # every user turn of a conversation in one sequence (windows when long)
 
 
+# Llama-3's other special tokens (3.0 reserves 251, 3.1 and 3.2 name some): text holding one is
+# tokenized as that token, and <|reserved_special_token_0|> is the pad.
+LLAMA3_SPECIAL_TOKEN = re.compile(r"<\|(?:reserved_special_token_\d+|finetune_right_pad_id|eom_id|python_tag|"
+                                  r"step_id|image)\|>")
+
+
 def find_control_string(text: str) -> str | None:
-    """The first of CONTROL_STRINGS that `text` holds, or None: the one check for every message
-    content, turns and intents alike (an intent holding <|eot_id|><|start_header_id|>... would
-    otherwise become real header tokens in the system message)."""
-    return next((s for s in CONTROL_STRINGS if s in text), None)
+    """The first of CONTROL_STRINGS (or of Llama-3's other special tokens) that `text` holds, or
+    None: the one check for every message content, turns and intents alike (an intent holding
+    <|eot_id|><|start_header_id|>... would otherwise become real header tokens in the system
+    message, and a turn holding the pad token's text would train on the pad id)."""
+    found = next((s for s in CONTROL_STRINGS if s in text), None)
+    if found is None and "<|" in text:
+        match = LLAMA3_SPECIAL_TOKEN.search(text)
+        found = match.group() if match else None
+    return found
 
 
 CHAT_TEMPLATE = (
