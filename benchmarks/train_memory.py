@@ -225,7 +225,7 @@ def plan(overrides: list[str], gpus: int, gpu_memory_gib: float, gpus_per_node: 
     gpus_per_node = gpus_per_node or min(gpus, 8)
     if cfg.model.precision not in ("auto", "bf16"):
         raise ValueError(f"model.precision={cfg.model.precision}: the planner plans bf16 GPU training")
-    checkpointing = cfg.model.gradient_checkpointing.lower() != "false"  # auto: on, as on a GPU
+    checkpointing = cfg.model.gradient_checkpointing is not False  # null: on, as on a GPU
     config = model_config(cfg.model.name_or_path, vocab_size)
     arithmetic = batch_arithmetic(cfg.train.global_batch_size, cfg.train.micro_batch_size, gpus,
                                   cfg.train.round_global_batch)

@@ -16,6 +16,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from core.config_types import Dtype
 from core.llm_client import ClientConfig
 from data_prep import chat_format
 from data_prep.chat_format import FlipMode
@@ -147,7 +148,7 @@ class HFGeneratorConfig:
     model: str = MISSING              # local path or hub id of a causal LM
     batch_size: int = MISSING
     device: str = MISSING             # auto | cpu | cuda | cuda:1 ... (core.runtime)
-    dtype: str = MISSING              # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
+    dtype: Dtype = MISSING            # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
     trust_remote_code: bool = MISSING
 
 

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 import data_prep.config  # noqa: F401  (registers ${chat_format:NAME}, which conf/ uses for the constants)
+from core.config_types import Dtype
 from data_prep.chat_format import FlipMode
 
 
@@ -89,7 +90,7 @@ class PerplexityConfig:
     max_batch_size: int = MISSING
     chunk_conversations: int = MISSING        # conversations flipped and scored (and saved) at a time
     device: str = MISSING                     # auto | cpu | cuda | cuda:N
-    dtype: str = MISSING                      # auto | float32 | bfloat16 | float16
+    dtype: Dtype = MISSING                    # auto | float32 | bfloat16 | float16
     limit: Optional[int] = MISSING            # first N conversations only
     max_turn: int = MISSING                   # by_turn breakdown: turns >= max_turn pooled
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)

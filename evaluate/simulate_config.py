@@ -14,6 +14,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from core.config_types import Dtype
 from core.llm_client import ClientConfig
 from data_prep.chat_format import PAD_TOKEN
 from evaluate.config import FlippedChatConfig, Protocol, result_name
@@ -41,7 +42,7 @@ class UserModelConfig:
     flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
     pad_token: str = MISSING
     batch_size: int = MISSING         # turns sampled per generate call (and conversations in flight)
-    dtype: str = MISSING              # auto | float32 | bfloat16 | float16
+    dtype: Dtype = MISSING            # auto | float32 | bfloat16 | float16
     device: str = MISSING             # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = MISSING
 
@@ -88,7 +89,7 @@ class HFAssistantConfig:
     pad_token: str = PAD_TOKEN               # used when the tokenizer has no pad token distinct from EOS
     stop_tokens: Optional[list[str]] = None  # null: the model's EOS tokens
     batch_size: int = 32                     # replies per generate call
-    dtype: str = "auto"                      # auto: bfloat16 on cuda, float32 on cpu
+    dtype: Dtype = Dtype.auto                # auto: bfloat16 on cuda, float32 on cpu
     device: str = "auto"
     trust_remote_code: bool = False
 

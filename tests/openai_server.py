@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 from aiohttp import web
 
-INTENT_PREFIX = "You are a user chatting with an assistant language model to"
+from data_prep.chat_format import INTENT_PREFIX
 
 
 def prompt_digest(body: dict) -> str:

@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 import data_prep.config  # noqa: F401  (registers the schemas before composing)
 import evaluate.simulate_config  # noqa: F401
+import train.config  # noqa: F401
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,11 @@ def test_composing_every_stage_config_imports_no_model_code():
     ("simulate", "assistant.kind=hff", "hf, openai, scripted"),
     ("simulate", "user_model.protocol=user_lm", "userlm, flipped_chat"),
     ("intrinsic", "assistant.kind=hff", "hf, openai, scripted"),
+    ("perplexity", "dtype=bf16", "auto, bfloat16, float16, float32"),
+    ("simulate", "user_model.dtype=fp16", "auto, bfloat16, float16, float32"),
+    ("data_prep", "intents.hf.dtype=half", "auto, bfloat16, float16, float32"),
+    ("train", "model.precision=bfloat16", "auto, bf16, fp32"),
+    ("train", "train.grad_accum_dtype=fp16", "fp32, bf16"),
 ])
 def test_a_mode_typo_fails_at_composition(stage, override, allowed):
     key, value = override.split("=")

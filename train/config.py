@@ -7,10 +7,22 @@ list, so an unknown key or a wrong type fails at composition instead of being si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Precision(StrEnum):     # train's names, as accelerate and DeepSpeed say them (core.config_types.Dtype's via train.model)
+    auto = "auto"             # bf16 on a GPU, fp32 on CPU (bf16 is ~3x slower on CPUs)
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class GradAccumDtype(StrEnum):  # the dtype ZeRO sums micro-step gradients in (train.optim)
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass
@@ -27,9 +39,9 @@ class ModelConfig:
     name_or_path: str = MISSING
     revision: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
-    precision: str = MISSING                  # auto | bf16 | fp32
+    precision: Precision = MISSING
     attn_implementation: str = MISSING        # auto | sdpa | eager | flash_attention_2
-    gradient_checkpointing: str = MISSING     # auto | true | false
+    gradient_checkpointing: Optional[bool] = MISSING   # null: on with a GPU, off on CPU
     loss_chunk_tokens: Optional[int] = MISSING  # tokens per pass through the output layer + loss (null: all at once)
 
 
@@ -57,7 +69,7 @@ class TrainConfig:
     save_total_limit: int = MISSING           # checkpoints kept (older ones deleted)
     resume: Optional[str] = MISSING           # auto | null | <checkpoint dir>
     peak_tflops: Optional[float] = MISSING    # per-device peak for the MFU estimate (null: by GPU name)
-    grad_accum_dtype: str = MISSING           # fp32 | bf16: dtype ZeRO accumulates micro-step gradients in
+    grad_accum_dtype: GradAccumDtype = MISSING
 
 
 @dataclass

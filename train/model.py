@@ -68,22 +68,16 @@ def check_tokenizer_matches_model(tokenizer, model_cfg) -> None:
                          "the data's; rerun data_prep with the model's tokenizer")
 
 
-def _choice(key: str, value: str, choices: dict):
-    # YAML/command-line true and false reach a string field as "True"/"False".
-    if value.lower() not in choices:
-        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
-    return choices[value.lower()]
-
-
 def resolve_precision(precision: str) -> torch.dtype:
-    """model.precision (auto | bf16 | fp32, train's YAML names, kept: they are in its fingerprint) as
-    core.runtime's dtype, on the device accelerate gives a process (cuda when present)."""
-    dtype = _choice("model.precision", precision, {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"})
+    """model.precision (train.config.Precision: auto | bf16 | fp32, the names accelerate and DeepSpeed
+    use) as core.runtime's dtype, on the device accelerate gives a process (cuda when present)."""
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[precision]
     return runtime.resolve_dtype(dtype, runtime.resolve_device("auto"))
 
 
-def resolve_gradient_checkpointing(value: str) -> bool:
-    return _choice("model.gradient_checkpointing", value, {"auto": torch.cuda.is_available(), "true": True, "false": False})
+def resolve_gradient_checkpointing(value: bool | None) -> bool:
+    """model.gradient_checkpointing: null (auto) turns it on with a GPU, off on CPU."""
+    return torch.cuda.is_available() if value is None else value
 
 
 def resolve_attention(attn_implementation: str) -> str:

@@ -11,9 +11,6 @@ import torch
 from train.data import BatchArithmetic
 
 
-GRAD_ACCUM_DTYPES = ("fp32", "bf16")
-
-
 def deepspeed_config(path: Path, arithmetic: BatchArithmetic, max_grad_norm: float, bf16: bool,
                      grad_accum_dtype: str) -> dict:
     """The DeepSpeed JSON with its "auto" batch, accumulation, clipping, precision and gradient
@@ -38,8 +35,6 @@ def deepspeed_config(path: Path, arithmetic: BatchArithmetic, max_grad_norm: flo
     if config.get("bf16", {}).get("enabled", "auto") not in ("auto", bf16):
         raise ValueError(f"{path}: bf16.enabled={config['bf16']['enabled']} disagrees with model.precision")
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
-    if grad_accum_dtype not in GRAD_ACCUM_DTYPES:
-        raise ValueError(f"train.grad_accum_dtype={grad_accum_dtype!r}: expected one of {', '.join(GRAD_ACCUM_DTYPES)}")
     accumulate = grad_accum_dtype if bf16 else "fp32"
     if config.get("data_types", {}).get("grad_accum_dtype", "auto") not in ("auto", accumulate):
         raise ValueError(f"{path}: data_types.grad_accum_dtype={config['data_types']['grad_accum_dtype']} disagrees "
