@@ -18,7 +18,7 @@ from omegaconf import MISSING, OmegaConf
 
 from core.config_types import Dtype
 from core.llm_client import ClientConfig
-from data_prep import chat_format
+from data_prep import chat_format, sources
 from data_prep.chat_format import FlipMode
 
 # The strings that code and conf/ share, defined once in data_prep.chat_format; YAML writes
@@ -35,9 +35,7 @@ def chat_format_constant(name: str) -> str:
 OmegaConf.register_new_resolver("chat_format", chat_format_constant, replace=True)
 
 
-class DatasetKind(StrEnum):
-    wildchat = auto()
-    prism = auto()
+DatasetKind = StrEnum("DatasetKind", {name: name for name in sources.NAMES})   # data_prep/sources/<name>.py
 
 
 class UnansweredLastTurn(StrEnum):   # a last user turn that got no reply
@@ -61,6 +59,12 @@ class IntentsBackend(StrEnum):
 class DataConfig:
     kind: DatasetKind = MISSING       # set by the `dataset` group
     source: str = MISSING             # hub id, local parquet/jsonl file or folder
+    # The field holding the source's own conversation id: the key intents are stored under. A row
+    # without one gets a hash of its normalised turns (WildChat's conversation_hash is required).
+    id_field: str = MISSING
+    # The field holding a user id for the user-level split; null: each conversation is its own user
+    # (counted). WildChat's (hashed_ip, with country) and PRISM's (user_id) are fixed by their schema.
+    user_field: Optional[str] = MISSING
     revision: Optional[str] = None    # hub revision (commit sha, tag or branch)
     hub_config: Optional[str] = None  # hub dataset configuration (PRISM: conversations)
     sample: str = MISSING             # the embedded sample of this dataset (experiment=tiny reads it)

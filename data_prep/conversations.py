@@ -1,10 +1,10 @@
-"""Normalise raw WildChat / PRISM rows into one conversation record, flagging malformed rows.
+"""One conversation record per input row, whatever the source (data_prep.sources), malformed rows flagged.
 
 A record is {conversation_hash, turns: [{role, content}], ended, language, malformed, exact_key,
 near_key, toxic, redacted, num_user_turns, num_chars, user_key, country, events}. `malformed` is
 "" or the reason the row cannot be used ("malformed:<what>"); `events` lists counted, non-fatal
-decisions (a trimmed turn, a PRISM tie, characters removed). user_key is a one-way hash used only
-to split by user; it never reaches the saved outputs.
+decisions (a trimmed turn, a PRISM tie, characters removed, a system message dropped). user_key is
+a one-way hash used only to split by user; it never reaches the saved outputs.
 
 Characters that are not text are removed from every turn before anything else looks at it:
 control characters (Unicode category Cc: NUL, ESC, DEL, the C1 range; tab, newline and carriage
@@ -108,101 +108,40 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
     return "", turns, ended, events
 
 
-def _record(conversation_hash, turns, language, toxic, redacted, hashed_ip, country, filters_cfg,
-            extra_events=()) -> dict:
+def make_record(key: str | None, turns: list[dict], filters_cfg, *, language: str | None = None, toxic=False,
+                redacted=False, user_id: str | None = None, country: str | None = None, events=()) -> dict:
+    """The record of one conversation (data_prep.sources' adapters call this): its turns cleaned and
+    checked. `key` is the source's own conversation id; None derives it from the cleaned turns
+    (exact_key, event id_from_turns). `user_id` (with `country`) identifies the user for the split."""
     turns, removal_events = remove_control_characters(turns)
-    malformed, turns, ended, events = check_turns(turns, filters_cfg.unanswered_last_turn)
+    malformed, turns, ended, check_events = check_turns(turns, filters_cfg.unanswered_last_turn)
     ok = not malformed
+    content_key = exact_key(turns)
     return {
-        "conversation_hash": conversation_hash,
+        "conversation_hash": content_key if key is None else key,
         "turns": turns,
         "ended": ended,
         "language": language or "",
         "malformed": malformed,
-        "exact_key": exact_key(turns) if ok else "",
+        "exact_key": content_key if ok else "",
         "near_key": near_key(turns, filters_cfg.near_duplicates.ngram) if ok else "",
         "toxic": bool(toxic),
         "redacted": bool(redacted),
         "num_user_turns": sum(1 for t in turns if t["role"] == USER),
         "num_chars": sum(len(t["content"] or "") for t in turns),
-        "user_key": user_key(hashed_ip, country),
+        "user_key": user_key(user_id, country),
         "country": country or "",
-        "events": list(extra_events) + removal_events + events,
+        "events": list(events) + ["id_from_turns"] * (key is None) + removal_events + check_events,
     }
 
 
-def wildchat_records(batch: dict, filters_cfg) -> dict:
-    """datasets.map (batched) function: raw WildChat rows -> records.
-
-    Only conversation_hash and conversation[{role, content}] are required (one's own chat logs);
-    language, toxic, redacted, hashed_ip and country are read when present.
-    """
-    n = len(batch["conversation_hash"])
-    optional = {c: batch.get(c, [None] * n) for c in ("language", "toxic", "redacted", "hashed_ip", "country")}
+def records_batch(records: list[dict]) -> dict:
+    """Records as the column dict a batched datasets.map function returns."""
     out = defaultdict(list)
-    for i in range(n):
-        conversation = batch["conversation"][i] or []
-        turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
-        first_user = next((t for t in conversation if t["role"] == USER), {})
-        hashed_ip = optional["hashed_ip"][i] or first_user.get("hashed_ip")
-        country = optional["country"][i] or first_user.get("country")
-        toxic = optional["toxic"][i] or any(t.get("toxic") for t in conversation)
-        redacted = optional["redacted"][i] or any(t.get("redacted") for t in conversation)
-        if batch["conversation_hash"][i] is None:
-            record = _record("", [], "", False, False, None, None, filters_cfg)
-            record["malformed"] = "malformed:null_conversation_hash"
-        else:
-            record = _record(batch["conversation_hash"][i], turns, optional["language"][i], toxic, redacted,
-                             hashed_ip, country, filters_cfg)
-        for key, value in record.items():
-            out[key].append(value)
+    for record in records:
+        for column, value in record.items():
+            out[column].append(value)
     return out
-
-
-def linearize_prism(history: list[dict]) -> tuple[str, list[dict], list[str]]:
-    """PRISM's branching history -> one linear dialogue: per turn the user entry and the chosen reply.
-
-    Entries may come in any order. Ties (several chosen replies in one turn): identical ones collapse
-    (event prism_tie_identical); different ones are resolved by the highest score, then the lowest
-    within_turn_id (event prism_tie_resolved_by_score).
-    """
-    by_turn: dict[int, dict[str, list]] = defaultdict(lambda: {"user": [], "model": []})
-    for entry in history:
-        if entry["role"] not in ("user", "model") or entry["turn"] is None:
-            return "malformed:prism_bad_entry", [], []
-        by_turn[entry["turn"]][entry["role"]].append(entry)
-    if sorted(by_turn) != list(range(len(by_turn))):
-        return "malformed:prism_turns_not_contiguous", [], []
-    turns, events = [], []
-    for t in range(len(by_turn)):
-        users, chosen = by_turn[t]["user"], [e for e in by_turn[t]["model"] if e["if_chosen"]]
-        if len({e["content"] for e in users}) != 1:
-            return "malformed:prism_user_entries", [], []
-        if len({e["content"] for e in chosen}) > 1:
-            events.append("prism_tie_resolved_by_score")
-            chosen.sort(key=lambda e: (-(e["score"] or 0), e["within_turn_id"] or 0))
-        elif len(chosen) > 1:
-            events.append("prism_tie_identical")
-        turns.append({"role": USER, "content": users[0]["content"]})
-        if chosen:
-            turns.append({"role": ASSISTANT, "content": chosen[0]["content"]})
-    return "", turns, events
-
-
-def prism_records(batch: dict, filters_cfg) -> dict:
-    """datasets.map (batched) function: raw PRISM conversations -> records."""
-    out = defaultdict(list)
-    for i in range(len(batch["conversation_id"])):
-        malformed, turns, events = linearize_prism(batch["conversation_history"][i] or [])
-        record = _record(batch["conversation_id"][i], turns, "", False, False, batch["user_id"][i], "PRISM",
-                         filters_cfg, events)
-        record["malformed"] = malformed or record["malformed"]
-        for key, value in record.items():
-            out[key].append(value)
-    return out
-
-
-RECORD_FUNCTIONS = {"wildchat": wildchat_records, "prism": prism_records}
 
 
 RECORD_FEATURES = datasets.Features({

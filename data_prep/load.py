@@ -1,4 +1,4 @@
-"""Read WildChat-1M or PRISM from the hub or from local parquet/jsonl, schema-checked, memory-mapped.
+"""Read a data source (data_prep.sources) from the hub or local files, checked, memory-mapped.
 
 Everything goes through `datasets`, which converts the input once to memory-mapped Arrow files in
 its cache: nothing is read whole into memory, and later runs reuse the conversion.
@@ -15,6 +15,12 @@ where there is one):
 - a file with no rows (a 0-row parquet shard, an empty JSON Lines file) is valid: it adds 0 rows
   and is listed under `empty_files` in the provenance. Input with no rows at all is an error;
 - `data.limit` is a positive number of rows, or null for all.
+
+Sources whose rows differ in shape (ShareGPT, OpenAI messages: reader "json_rows") are read from
+local JSON Lines files or JSON files holding one list, each row kept as its JSON text with its
+file and position (line in JSON Lines, index in a JSON list) and parsed by the source's records
+function; each file's first row must hold the source's field (`conversations`, `messages`), so a
+file of another format fails at once, naming the file.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import schemas
 from core.artifacts import sha256_of
+from data_prep import sources
 
 log = logging.getLogger(__name__)
-PARQUET_COLUMNS = {"wildchat": schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL}
-CHECKS = {"wildchat": schemas.check_wildchat, "prism": schemas.check_prism}
+JSON_ROW_FEATURES = datasets.Features({"json": datasets.Value("string"), "file": datasets.Value("string"),
+                                       "position": datasets.Value("int64")})
 JSON_SUFFIXES = (".jsonl", ".json")
 READ_CHUNK_BYTES = 16 * 2**20
 
@@ -58,7 +64,7 @@ def local_files(source: str) -> list[Path] | None:
     return None
 
 
-def check_parquet_files(files: list[Path], kind: str, check) -> tuple[list[Path], list[str]]:
+def check_parquet_files(files: list[Path], wanted: list[str] | None, check) -> tuple[list[Path], list[str]]:
     """Check every parquet file's footer and schema; return the files with rows and the columns to read."""
     columns_of, rows_of = {}, {}
     for f in files:
@@ -68,8 +74,7 @@ def check_parquet_files(files: list[Path], kind: str, check) -> tuple[list[Path]
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{f}: not a readable parquet file ({e})") from None
         check(schema, str(f))
-        wanted = PARQUET_COLUMNS.get(kind, schema.names)
-        columns_of[f] = [c for c in wanted if c in schema.names]
+        columns_of[f] = [c for c in (wanted or schema.names) if c in schema.names]
     first = files[0]
     for f in files[1:]:
         if set(columns_of[f]) != set(columns_of[first]):
@@ -134,12 +139,12 @@ def first_unreadable_parquet(files: list[Path], columns: list[str]) -> str | Non
     return None
 
 
-def load_local(files: list[Path], kind: str, check, source: str) -> tuple[datasets.Dataset, list[Path]]:
+def load_local(files: list[Path], columns: list[str] | None, check, source: str) -> tuple[datasets.Dataset, list[Path]]:
     """Check, then load, local files; return the dataset and the files that held no rows."""
     kwargs = {}
     if files[0].suffix == ".parquet":
         builder = "parquet"
-        with_rows, kwargs["columns"] = check_parquet_files(files, kind, check)
+        with_rows, kwargs["columns"] = check_parquet_files(files, columns, check)
     else:
         builder = "json"
         with_rows = [f for f in files if check_utf8(f)]
@@ -159,25 +164,99 @@ def load_local(files: list[Path], kind: str, check, source: str) -> tuple[datase
     return dataset, empty
 
 
+def json_rows(files: list[str], digests: list[str]):
+    """Every row of the files as {json, file, position}; `digests` only key datasets' cache."""
+    for name in files:
+        with open(name, "rb") as f:
+            is_list = f.read(READ_CHUNK_BYTES).lstrip().startswith(b"[")
+            f.seek(0)
+            if is_list:
+                document = json.load(f)
+                for position, row in enumerate(document):
+                    yield {"json": json.dumps(row, ensure_ascii=False), "file": name, "position": position}
+                continue
+            for position, line in enumerate(f, 1):
+                if line.strip():
+                    yield {"json": line.decode().strip(), "file": name, "position": position}
+
+
+def first_row(path: Path):
+    """The first row of a JSON Lines file or JSON list (None when it has none)."""
+    with open(path, "rb") as f:
+        if f.read(READ_CHUNK_BYTES).lstrip().startswith(b"["):
+            f.seek(0)
+            return next(iter(json.load(f)), None)
+        f.seek(0)
+        return next((json.loads(line) for line in f if line.strip()), None)
+
+
+def load_json_rows(files: list[Path], json_field: str, source: str) -> tuple[datasets.Dataset, list[Path]]:
+    """Check, then read, JSON Lines / JSON list files row by row (JSON_ROW_FEATURES)."""
+    if any(f.suffix not in JSON_SUFFIXES for f in files):
+        raise ValueError(f"{source}: this source reads JSON Lines (.jsonl) or JSON (.json) files")
+    with_rows = []
+    for f in files:
+        if not check_utf8(f):
+            continue
+        if (error := first_json_error(f)) is not None:
+            raise ValueError(error)
+        row = first_row(f)
+        if row is None:
+            continue
+        if not isinstance(row, dict) or json_field not in row:
+            raise ValueError(f"{f}: its first row has no {json_field!r} field (keys: "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}): is this the "
+                             "data.kind you meant?")
+        with_rows.append(f)
+    empty = [f for f in files if f not in with_rows]
+    if not with_rows:
+        raise ValueError(f"{source}: no rows to read")
+    dataset = datasets.Dataset.from_generator(
+        json_rows, features=JSON_ROW_FEATURES,
+        gen_kwargs={"files": [str(f) for f in with_rows], "digests": [sha256_of(f) for f in with_rows]})
+    return dataset, empty
+
+
+def read_columns(source, data_cfg) -> list[str] | None:
+    """The table columns to read: the source's, and the id and user fields the config names."""
+    if source.columns is None:
+        return None
+    extra = [c for c in (data_cfg.id_field, data_cfg.user_field) if c and c not in source.columns]
+    return [*source.columns, *extra]
+
+
 def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
     """Load the configured dataset; return it and its provenance (files and hashes, or hub sha)."""
-    kind = data_cfg.kind   # a DatasetKind: the schema refuses any other at composition
+    source = sources.get(data_cfg.kind)   # a DatasetKind: the schema refuses any other at composition
     if data_cfg.limit is not None and data_cfg.limit < 1:
         raise ValueError(f"data.limit={data_cfg.limit}: give a positive number of rows, or null to read all")
-    check = CHECKS[kind]
+    if source.fixed_user_field is not None and data_cfg.user_field != source.fixed_user_field:
+        raise ValueError(f"data.user_field={data_cfg.user_field}: {source.name}'s users are fixed by its schema "
+                         f"({source.fixed_user_field}); leave data.user_field={source.fixed_user_field}")
     files = local_files(data_cfg.source)
+    columns = read_columns(source, data_cfg)
     if files is not None:
-        dataset, empty = load_local(files, kind, check, str(data_cfg.source))
+        if source.reader == "json_rows":
+            dataset, empty = load_json_rows(files, source.json_field, str(data_cfg.source))
+        else:
+            dataset, empty = load_local(files, columns, source.check, str(data_cfg.source))
         provenance = {"source": str(data_cfg.source),
                       "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files],
                       "empty_files": [str(f) for f in empty]}
     else:
-        kwargs = {"columns": list(PARQUET_COLUMNS[kind])} if kind in PARQUET_COLUMNS else {}
+        if source.reader == "json_rows":
+            raise ValueError(f"data.source={data_cfg.source}: {source.name} is read from local files; download "
+                             "the dataset's JSON or JSON Lines files and point data.source at them")
+        kwargs = {"columns": columns} if columns is not None else {}
         dataset = datasets.load_dataset(data_cfg.source, data_cfg.hub_config, revision=data_cfg.revision,
                                         split="train", **kwargs)
-        check(dataset.data.schema, data_cfg.source)
+        source.check(dataset.data.schema, data_cfg.source)
         provenance = {"source": data_cfg.source, "hub_config": data_cfg.hub_config,
                       "revision": data_cfg.revision, "resolved_sha": _hub_sha(data_cfg)}
+    if source.reader == "table":
+        for key, column in (("id_field", data_cfg.id_field), ("user_field", data_cfg.user_field)):
+            if column and column != source.fixed_user_field and column not in dataset.column_names:
+                raise ValueError(f"{data_cfg.source}: no column {column!r} (data.{key}) among {dataset.column_names}")
     if data_cfg.limit is not None:
         dataset = dataset.select(range(min(data_cfg.limit, len(dataset))))
     provenance["rows"] = len(dataset)

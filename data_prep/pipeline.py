@@ -1,7 +1,9 @@
-"""`python -m data_prep`: WildChat-1M (or PRISM) -> flipped, tokenized, loss-masked examples.
+"""`python -m data_prep`: chat logs (WildChat-1M, PRISM, LMSYS, ShareGPT, OpenAI messages: data_prep.sources)
+-> flipped, tokenized, loss-masked examples.
 
     python -m data_prep experiment=tiny                    # the embedded sample, seconds on CPU
     python -m data_prep experiment=tiny dataset=prism      # the PRISM sample, as an evaluation set
+    python -m data_prep dataset=sharegpt data.source=my_logs.jsonl intents.path=...   # your own logs
     python -m data_prep experiment=paper intents.path=intents.jsonl   # WildChat-1M from the hub
     python -m data_prep experiment=paper intents.backend=openai ...    # generate the intents first
                                                                        # (see data_prep/intents/__main__.py)
@@ -18,6 +20,7 @@ anything else, except a folder that holds an input of the run):
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import resource
@@ -33,9 +36,11 @@ from transformers import AutoTokenizer
 import data_prep.chat_format
 import data_prep.conversations
 import data_prep.examples
+import data_prep.sources.messages
 from core import artifacts
+from data_prep import sources
 from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
-from data_prep.conversations import RECORD_FEATURES, RECORD_FUNCTIONS
+from data_prep.conversations import RECORD_FEATURES
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
@@ -48,7 +53,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the records or examples change meaning
 # The code that makes records and examples: part of every cache key, so an edit never reuses stale
 # cached map results.
-CODE_VERSION = artifacts.source_hash(data_prep.chat_format, data_prep.conversations, data_prep.examples)
+CODE_VERSION = artifacts.source_hash(
+    data_prep.chat_format, data_prep.conversations, data_prep.examples, data_prep.sources.messages,
+    *(importlib.import_module(f"data_prep.sources.{name}") for name in sources.NAMES))
 
 
 def log_stage(stage: str, start: float) -> None:
@@ -84,16 +91,20 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
     `start`: time.perf_counter() at the start of the run, for the stage timings logged."""
     start = time.perf_counter() if start is None else start
     # ---- load --------------------------------------------------------------------------------
+    source = sources.get(cfg.data.kind)
     raw, provenance = load_source(cfg.data)
-    if cfg.data.kind == "wildchat" and cfg.filters.languages is not None and "language" not in raw.column_names:
+    if cfg.filters.languages is not None and not source.has_language:
+        raise ValueError(f"{cfg.data.source}: {source.name} rows carry no language to filter on; set "
+                         "filters.languages=null (its dataset YAML does)")
+    if cfg.filters.languages is not None and "language" not in raw.column_names:
         raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
     fingerprint = artifacts.config_hash(FORMAT_VERSION, CODE_VERSION, provenance,
-                                        artifacts.resolved_config(cfg.filters))
+                                        artifacts.resolved_config(cfg.filters), cfg.data.id_field, cfg.data.user_field)
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
     log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
-    records = raw.map(RECORD_FUNCTIONS[cfg.data.kind], fn_kwargs={"filters_cfg": cfg.filters},
+    records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 

@@ -46,7 +46,7 @@ def test_composing_every_stage_config_imports_no_model_code():
     ("data_prep", "filters.unanswered_last_turn=trimm", "keep_no_end, trim, drop"),
     ("data_prep", "split.missing_user=own", "own_user, drop"),
     ("data_prep", "intents.backend=vllm", "file, openai, hf"),
-    ("data_prep", "data.kind=sharegpt", "wildchat, prism"),
+    ("data_prep", "data.kind=share_gpt", "wildchat, prism, lmsys, sharegpt, openai_messages"),
     ("perplexity", "mode=per_turns", "per_turn, per_conversation"),
     ("perplexity", "intent=tasks", "none, task, generic"),
     ("perplexity", "protocol=flipped", "userlm, flipped_chat"),
