@@ -71,11 +71,18 @@ class DataConfig:
     limit: Optional[int] = None       # read only the first N rows (quick runs); N >= 1, null: all
 
 
+class NearDuplicateMethod(StrEnum):  # data_prep.funnel
+    prefix_key = auto()              # the first `ngram` normalised words of the first user turn are a key
+    ngram_count = auto()             # a first turn holding a whitespace n-gram seen > threshold times
+
+
 @dataclass
 class NearDuplicateConfig:
     enabled: bool = MISSING
-    ngram: int = MISSING              # words of the normalised first user turn that form the key
-    max_per_key: int = MISSING        # conversations kept per key; the rest are near-duplicates
+    method: NearDuplicateMethod = MISSING
+    ngram: int = MISSING              # prefix_key: words that form the key; ngram_count: words per n-gram
+    max_per_key: int = MISSING        # prefix_key: conversations kept per key; the rest are near-duplicates
+    threshold: int = MISSING          # ngram_count: occurrences over the corpus above which an n-gram marks one
 
 
 @dataclass

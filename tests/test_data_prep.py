@@ -246,3 +246,31 @@ def test_an_empty_split_is_counted_but_not_written(tiny_assets, tmp_path):
     empty = {s for s, n in funnel["kept"].items() if n == 0}
     assert empty, "20 rows should leave a split empty"
     assert set(datasets.load_from_disk(str(out))) == set(funnel["kept"]) - empty
+
+
+TEMPLATE = "As a prompt generator for a generative AI called Midjourney, you will create image prompts"
+
+
+@pytest.mark.parametrize("overrides, removed, reasons", [
+    # the first 7 normalised words are a key, one conversation kept per key: 3 of the 4 opening with it
+    (["filters.near_duplicates.method=prefix_key"], 3, {"prefix_key": 3}),
+    # every holder of a 7-gram seen more than 4 times: the 4 openings and the one quoting it mid-turn
+    (["filters.near_duplicates.method=ngram_count", "filters.near_duplicates.threshold=4"], 5, {"ngram_count": 5}),
+    (["filters.near_duplicates.method=ngram_count", "filters.near_duplicates.threshold=5"], 0, {}),
+])
+def test_both_near_duplicate_methods_count_what_they_remove(overrides, removed, reasons, tiny_assets, tmp_path):
+    firsts = [f"{TEMPLATE} about {topic}." for topic in ("a cat", "the sea", "a city at night", "autumn")]
+    firsts += [f"please help, my friend wrote: {TEMPLATE} and I do not get it",    # the template, quoted
+               "As a prompt generator you will write haikus",                     # 4 words shared: no 7-gram
+               "what is the tallest mountain in europe", "how do I boil an egg"]
+    rows = [{"conversation_hash": f"c{i}", "language": "English",
+             "conversation": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]}
+            for i, text in enumerate(firsts)]
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    intents = tmp_path / "intents.jsonl"
+    intents.write_text("".join(json.dumps({"conversation_hash": r["conversation_hash"], "intent": "to ask"}) + "\n"
+                               for r in rows))
+    out = run_data_prep(tiny_assets, tmp_path / "out", f"data.source={logs}", f"intents.path={intents}", *overrides)
+    step = _removed(_funnel(out))["near_duplicate"]
+    assert (step["removed"], step["reasons"]) == (removed, reasons)
