@@ -1,12 +1,14 @@
-"""A client for any OpenAI-compatible chat-completions endpoint (OpenAI, Azure's v1 API, vLLM, TGI).
+"""A client for any OpenAI-compatible endpoint (OpenAI, Azure's v1 API, vLLM, SGLang, TGI).
 
-Shared by every stage that calls an LLM over HTTP (task intents, simulated assistants, judges):
+Shared by every stage that calls an LLM over HTTP (task intents, simulated assistants, judges,
+served user LMs):
 
     async with LLMClient(client_cfg) as client:
         completion = await client.complete([{"role": "user", "content": "Hi"}], max_tokens=20)
         completion.text, completion.usage.prompt_tokens
         async for index, result in client.complete_many(list_of_message_lists, temperature=0.0):
             ...   # result is a Completion or a RequestFailed, in completion order
+        choices = await client.complete_prompt([128006, 882, ...], n=4, max_tokens=64)   # /v1/completions
 
 What it does for you:
 - at most `concurrency` requests in flight (one aiohttp session, one connection per slot);
@@ -214,8 +216,14 @@ def retry_after_seconds(value: Optional[str]) -> Optional[float]:
         return None
 
 
-def parse_completion(body: bytes) -> tuple[str, Usage, Optional[str]]:
-    """(text, usage, finish_reason) of a chat-completions reply; ValueError when it is malformed."""
+def parse_usage(reply: dict) -> Usage:
+    usage = reply.get("usage") or {}
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def parse_completion(body: bytes) -> tuple[list[tuple[str, Optional[str]]], Usage]:
+    """([(text, finish_reason)], usage) of a chat-completions reply (its first choice); ValueError
+    when it is malformed."""
     try:
         reply = json.loads(body)
         choice = reply["choices"][0]
@@ -224,9 +232,21 @@ def parse_completion(body: bytes) -> tuple[str, Usage, Optional[str]]:
         raise ValueError(f"not a chat-completions reply ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(text, str):
         raise ValueError("message.content is not a string")
-    usage = reply.get("usage") or {}
-    return text, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)), \
-        choice.get("finish_reason")
+    return [(text, choice.get("finish_reason"))], parse_usage(reply)
+
+
+def parse_text_completions(body: bytes, n: int) -> tuple[list[tuple[str, Optional[str]]], Usage]:
+    """([(text, finish_reason)] in choice-index order, usage) of a /v1/completions reply with `n`
+    choices; ValueError when it is malformed or holds another number of choices."""
+    try:
+        reply = json.loads(body)
+        choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+        texts = [(choice["text"], choice.get("finish_reason")) for choice in choices]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"not a completions reply ({type(e).__name__}: {str(e)[:80]})") from None
+    if len(texts) != n or not all(isinstance(text, str) for text, _ in texts):
+        raise ValueError(f"a completions reply with {len(texts)} choices of text, {n} asked")
+    return texts, parse_usage(reply)
 
 
 class LLMClient:
@@ -236,6 +256,7 @@ class LLMClient:
         # a plain dataclass: config nodes are slow to read on every request
         self.cfg = cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.completions_url = cfg.base_url.rstrip("/") + "/completions"
         self._headers = {"Content-Type": "application/json"}
         self._key = read_api_key(cfg.api_key_env)
         if self._key:
@@ -261,19 +282,32 @@ class LLMClient:
 
     async def complete(self, messages: Sequence[dict], **params) -> Completion:
         """One chat completion; retried per the config. Raises RequestFailed or LLMConfigError."""
-        payload = json.dumps({"model": self.cfg.model, "messages": list(messages), **params})
-        estimate = len(payload) / CHARS_PER_TOKEN + (params.get("max_tokens") or 0)
+        return (await self._request(self.url, {"messages": list(messages), **params}, parse_completion))[0]
+
+    async def complete_prompt(self, prompt: str | Sequence[int], **params) -> list[Completion]:
+        """One /v1/completions request for a prompt (text, or token ids as vLLM and SGLang take
+        them: nothing re-tokenized, no BOS added); one Completion per choice (`n`), each with the
+        request's usage. Retried per the config. Raises RequestFailed or LLMConfigError."""
+        n = params.get("n", 1)
+        prompt = prompt if isinstance(prompt, str) else list(prompt)
+        return await self._request(self.completions_url, {"prompt": prompt, **params},
+                                   lambda body: parse_text_completions(body, n))
+
+    async def _request(self, url: str, body: dict, parse) -> list[Completion]:
+        payload = json.dumps({"model": self.cfg.model, **body})
+        estimate = len(payload) / CHARS_PER_TOKEN + (body.get("max_tokens") or 0) * body.get("n", 1)
         for attempt in range(1, self.cfg.max_retries + 2):
-            outcome = await self._attempt(payload, estimate)
-            if isinstance(outcome, Completion):
-                outcome.attempts = attempt
+            outcome = await self._attempt(url, payload, estimate, parse)
+            if not isinstance(outcome, _Failure):
+                for completion in outcome:
+                    completion.attempts = attempt
                 return outcome
             if not outcome.retryable or attempt > self.cfg.max_retries:
                 raise RequestFailed(outcome.reason, outcome.detail, attempt)
             await asyncio.sleep(max(outcome.delay, self.backoff(attempt - 1)))
         raise AssertionError("unreachable")
 
-    async def _attempt(self, payload: str, estimate: float) -> Completion | _Failure:
+    async def _attempt(self, url: str, payload: str, estimate: float, parse) -> list[Completion] | _Failure:
         """One HTTP attempt."""
         if self._requests:
             await self._requests.acquire(1)
@@ -284,35 +318,36 @@ class LLMClient:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                async with self._session.post(self.url, data=payload) as response:
+                async with self._session.post(url, data=payload) as response:
                     self._connection_failures = 0
                     status, retry_after = response.status, response.headers.get("Retry-After")
                     body = await self._read_body(response)
             except asyncio.TimeoutError:
                 return _Failure("timeout", f"no reply within {self.cfg.timeout_s} s")
             except aiohttp.ClientConnectionError as e:
-                return self._connection_failure(e)
+                return self._connection_failure(url, e)
             except aiohttp.ClientError as e:
                 return _Failure("connection_error", f"{type(e).__name__}: {str(e)[:120]}")
         if body is None:  # retrying would fetch the same oversized answer
             return _Failure("response_too_large", f"HTTP {status} reply over max_response_bytes="
                             f"{self.cfg.max_response_bytes}, abandoned", retryable=False)
         if status in CONFIG_ERROR_STATUS:
-            raise LLMConfigError(f"{self.url} answered HTTP {status} ({self._shown(body)}): check base_url, "
+            raise LLMConfigError(f"{url} answered HTTP {status} ({self._shown(body)}): check base_url, "
                                  f"model and the key in ${self.cfg.api_key_env}")
         if status != 200:
             delay = min(retry_after_seconds(retry_after) or 0.0, self.cfg.max_retry_after_s)
             if delay:
                 self._paused_until = max(self._paused_until, time.monotonic() + delay)
-            # 400 and the like (context too long, content filter): repeating the request cannot help
+            # 400 and the like (context too long, content filter, a logit_bias id out of the
+            # vocabulary): repeating the request cannot help
             return _Failure(f"http_{status}", self._shown(body), delay, retryable=status in RETRYABLE_STATUS)
         try:
-            text, usage, finish_reason = parse_completion(body)
+            choices, usage = parse(body)
         except ValueError as e:
             return _Failure("malformed", self.redact(str(e)))
         if self._tokens and usage.prompt_tokens:
             self._tokens.refund(estimate - usage.prompt_tokens - usage.completion_tokens)
-        return Completion(self.redact(text), usage, 1, finish_reason)
+        return [Completion(self.redact(text), usage, 1, finish_reason) for text, finish_reason in choices]
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> Optional[bytes]:
         """The body, read in chunks; None (and the connection closed) once it exceeds max_response_bytes."""
@@ -328,13 +363,13 @@ class LLMClient:
                 return None
         return bytes(body)
 
-    def _connection_failure(self, error: aiohttp.ClientConnectionError) -> _Failure:
+    def _connection_failure(self, url: str, error: aiohttp.ClientConnectionError) -> _Failure:
         """An attempt that got no HTTP response; the last of max_connection_failures in a row stops the run."""
         self._connection_failures += 1
         detail = self.redact(f"{type(error).__name__}: {str(error)[:120]}")
         if self._connection_failures >= self.cfg.max_connection_failures:
             raise EndpointUnreachable(
-                f"{self.url} is unreachable: {self._connection_failures} connection attempts in a row got no "
+                f"{url} is unreachable: {self._connection_failures} connection attempts in a row got no "
                 f"HTTP response (last: {detail}). Is the server running, and base_url right? Stopping instead "
                 f"of failing every request; what finished is kept, run again once the endpoint answers "
                 f"(max_connection_failures={self.cfg.max_connection_failures})")

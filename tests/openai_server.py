@@ -87,16 +87,23 @@ class OpenAIServer:
         return next((fault for matches, fault in self.rules if matches(body)), None)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """/v1/completions: `n` choices of reply(body) (the reply function sees "prompt", not "messages")."""
+        return await self._counted(request, "text")
+
+    async def _counted(self, request: web.Request, kind: str) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
-            return await self._answer(request)
+            return await self._answer(request, kind)
         finally:
             stats.in_flight -= 1
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, kind: str) -> web.StreamResponse:
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             # like some providers, echo what was sent: the client must not pass it on
             return web.json_response({"error": {"message": f"Incorrect API key: {request.headers.get('Authorization')}"}},
@@ -135,6 +142,11 @@ class OpenAIServer:
         self.stats.answered[prompt_digest(body)] += 1
         self.stats.prompt_tokens += usage["prompt_tokens"]
         self.stats.completion_tokens += usage["completion_tokens"]
+        if kind == "text":
+            return web.json_response({
+                "id": f"cmpl-{self.stats.replies}", "object": "text_completion", "model": body.get("model"),
+                "choices": [{"index": i, "text": text, "finish_reason": "stop"} for i in range(body.get("n", 1))],
+                "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}})
         return web.json_response({
             "id": f"chatcmpl-{self.stats.replies}", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -168,6 +180,7 @@ class OpenAIServer:
         self._loop = asyncio.get_running_loop()
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/stats", self.stats_json)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()

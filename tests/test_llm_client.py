@@ -115,3 +115,24 @@ def test_api_key_comes_from_the_named_variable_and_a_wrong_one_stops(monkeypatch
     monkeypatch.delenv("TEST_LLM_KEY")
     with pytest.raises(LLMConfigError, match="TEST_LLM_KEY"):
         run(cfg, messages(1))
+
+
+def test_completions_endpoint_returns_every_choice_and_is_retried_like_chat():
+    prompts = []
+
+    def reply(body):
+        prompts.append(body["prompt"])
+        return f"continuation of {len(body['prompt'])} ids"
+
+    async def main(client_cfg):
+        async with LLMClient(client_cfg) as client:
+            return await client.complete_prompt([128006, 882, 128007], n=3, max_tokens=8, logit_bias={"5": -100})
+    with OpenAIServer(reply=reply) as server:
+        server.faults.extend(["503", "malformed"])   # the first two attempts fail: retried
+        choices = asyncio.run(main(client_config(server.base_url)))
+    assert [c.text for c in choices] == ["continuation of 3 ids"] * 3
+    assert [c.attempts for c in choices] == [3] * 3 and prompts == [[128006, 882, 128007]]   # ids as sent
+    with OpenAIServer(reply=reply) as server:
+        server.faults.append("400")                    # e.g. a logit_bias id out of the vocabulary
+        with pytest.raises(RequestFailed, match="http_400 after 1 attempt"):
+            asyncio.run(main(client_config(server.base_url)))
