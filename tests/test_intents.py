@@ -15,7 +15,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from data_prep.intents import read_intents
+from data_prep.intents import get_intents, read_intents
 from data_prep.intents.__main__ import run as run_intents
 from data_prep.intents.backends import HFBackend
 from data_prep.intents.checks import check_reply
@@ -50,14 +50,47 @@ def saved_intents(data_dir) -> dict[str, str]:
 
 # ---- prompt and output checks ------------------------------------------------------------------
 
-def test_prompt_has_instruction_three_examples_and_the_conversation():
-    prompt_cfg = compose_config("data_prep", ["experiment=tiny"]).intents.prompt
+PROMPT_VERSIONS = ["v1", "v2"]
+
+
+def prompt_config(version: str, *extra: str):
+    return compose_config("data_prep", ["experiment=tiny", f"intents/prompt={version}", *extra]).intents
+
+
+@pytest.mark.parametrize("version", PROMPT_VERSIONS)
+def test_prompt_has_instruction_three_examples_and_the_conversation(version):
+    prompt = IntentPrompt(prompt_config(version).prompt)
+    assert prompt.version == version
     turns = [{"role": "user", "content": "Plan a trip to Lisbon"}, {"role": "assistant", "content": "Sure."}]
-    messages = IntentPrompt(prompt_cfg).messages(turns)
+    messages = prompt.messages(turns)
     assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3 + ["user"]
     assert INTENT_PREFIX in messages[0]["content"]
     assert all(m["content"].startswith(INTENT_PREFIX) for m in messages[2:7:2])
     assert messages[-1]["content"] == "<user>\nPlan a trip to Lisbon\n</user>\n<assistant>\nSure.\n</assistant>"
+
+
+@pytest.mark.parametrize("version", PROMPT_VERSIONS)
+def test_the_example_intents_pass_the_checks_as_one_sentence(version):
+    """What the model is shown is what it must write: prefix, length, no control tokens, one line,
+    and one sentence (one full stop, at the end)."""
+    intents_cfg = prompt_config(version)
+    for example in intents_cfg.prompt.examples:
+        intent = example.intent
+        assert check_reply(intent, "stop", intents_cfg.checks) == (intent, None)
+        assert intent.endswith(".") and sum(intent.count(p) for p in ".!?") == 1, intent
+        assert 15 <= len(intent.split()) <= 40
+
+
+def test_v2_asks_for_the_topic_names_v1_for_none_and_the_paper_preset_uses_v2():
+    v1, v2 = (prompt_config(v).prompt.instruction for v in PROMPT_VERSIONS)
+    assert "no names" in v1 and "Keep what the conversation is about" not in v1
+    assert "Keep what the conversation is about: name the place, product, person" in v2 and "no names" not in v2
+    assert "no numbers, dates, prices, code, quoted text, step-by-step content" in v2
+    paper = compose_config("data_prep", ["experiment=paper"]).intents.prompt
+    assert paper.version == "v2"
+    assert compose_config("data_prep", ["experiment=paper", "intents/prompt=v1"]).intents.prompt.version == "v1"
+    assert compose_config("data_prep", []).intents.prompt.version == "v1"  # the default (tiny) keeps v1
+    assert len({IntentPrompt(prompt_config(v).prompt).fingerprint for v in PROMPT_VERSIONS}) == 2
 
 
 def test_long_conversations_are_cut_to_the_budget():
@@ -81,10 +114,11 @@ def test_long_conversations_are_cut_to_the_budget():
     (f"{INTENT_PREFIX} plan a trip.\n\nI hope this helps!", (None, "multi_paragraph")),
     (f"{INTENT_PREFIX} " + "plan " * 80, (None, "too_long")),
     ("The user wants to plan a trip.", (None, "missing_prefix")),
+    (f"{INTENT_PREFIX} plan a trip.<|eot_id|>", (None, "control_token")),
 ])
-def test_output_checks(reply, expected):
-    checks = compose_config("data_prep", ["experiment=tiny"]).intents.checks
-    assert check_reply(reply, "stop", checks) == expected
+@pytest.mark.parametrize("version", PROMPT_VERSIONS)
+def test_output_checks(reply, expected, version):
+    assert check_reply(reply, "stop", prompt_config(version).checks) == expected
 
 
 def test_a_torn_last_line_is_ignored_by_readers_and_cut_by_the_writer(tmp_path):
@@ -101,6 +135,34 @@ def test_a_torn_last_line_is_ignored_by_readers_and_cut_by_the_writer(tmp_path):
     with JsonlWriter(store) as writer:
         assert writer.torn_lines_removed == 0
     assert store.read_text() == whole[0] + "\n" + whole[1] + "\n"
+
+
+def test_the_file_backend_never_uses_another_prompt_versions_intents(tmp_path):
+    """A v1 store read under prompt v2 (the paper preset's) is refused; in a mixed store each
+    version reads its own rows and the hand-written ones; an edited text under a version is refused."""
+    configs = {v: prompt_config(v, f"intents.path={tmp_path / 'intents.jsonl'}") for v in PROMPT_VERSIONS}
+    sha = {v: IntentPrompt(cfg.prompt).fingerprint for v, cfg in configs.items()}
+
+    def row(h, version, text=None):
+        return {"conversation_hash": h, "intent": f"{INTENT_PREFIX} {version} {h}.", "prompt_version": version,
+                "prompt_sha": text or sha[version], "model": "m"}
+
+    with JsonlWriter(tmp_path / "intents.jsonl") as writer:
+        writer.append(row("a", "v1"))
+        writer.append(row("b", "v1"))
+    with pytest.raises(ValueError, match=r"generated with prompt version\(s\) \['v1'\], and this run's prompt is 'v2'"):
+        get_intents(configs["v2"], None)
+    assert get_intents(configs["v1"], None) == {"a": f"{INTENT_PREFIX} v1 a.", "b": f"{INTENT_PREFIX} v1 b."}
+    with JsonlWriter(tmp_path / "intents.jsonl") as writer:
+        writer.append(row("a", "v2"))
+        writer.append({"conversation_hash": "c", "intent": f"{INTENT_PREFIX} by hand c."})
+    assert get_intents(configs["v2"], None) == {"a": f"{INTENT_PREFIX} v2 a.", "c": f"{INTENT_PREFIX} by hand c."}
+    assert get_intents(configs["v1"], None) == {"a": f"{INTENT_PREFIX} v1 a.", "b": f"{INTENT_PREFIX} v1 b.",
+                                                "c": f"{INTENT_PREFIX} by hand c."}
+    with JsonlWriter(tmp_path / "intents.jsonl") as writer:
+        writer.append(row("d", "v2", text="0" * 16))
+    with pytest.raises(ValueError, match="different prompt text"):
+        get_intents(configs["v2"], None)
 
 
 # ---- generation against a real server -------------------------------------------------------------
@@ -124,6 +186,20 @@ def test_cached_intents_are_not_asked_again_and_stale_ones_not_reused(tmp_path):
         assert (bumped["cached"], bumped["done"]) == (0, n)
     assert len(store_rows(store)) == 3 * n
     assert set(read_intents(store, "v1", "test-model")) == set(read_intents(store, "v2", "test-model"))
+
+
+def test_generation_under_prompt_v2_does_not_reuse_v1s_intents(tmp_path):
+    store = tmp_path / "intents.jsonl"
+    with OpenAIServer() as server:
+        v1 = generate(store, server.base_url, "data.limit=30")
+        v2 = generate(store, server.base_url, "data.limit=30", "intents/prompt=v2")
+        again = generate(store, server.base_url, "data.limit=30", "intents/prompt=v2")
+    n = v1["conversations"]
+    assert (v1["done"], v2["cached"], v2["done"], again["cached"], again["done"]) == (n, 0, n, n, 0) and n > 10
+    assert (v1["prompt_version"], v2["prompt_version"]) == ("v1", "v2") and v1["prompt_sha"] != v2["prompt_sha"]
+    of_v1, of_v2 = read_intents(store, "v1", "test-model"), read_intents(store, "v2", "test-model")
+    assert set(of_v1) == set(of_v2) and not any(of_v1[h] == of_v2[h] for h in of_v1)  # each asked with its prompt
+    assert len(store_rows(store)) == 2 * n
 
 
 def test_faults_are_retried_and_failures_reported(tmp_path):

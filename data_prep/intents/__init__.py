@@ -1,7 +1,9 @@
 """Task intents: one sentence per conversation, "You are a user chatting with an assistant ... to ...".
 
 data_prep asks `get_intents` for the intents of the conversations it kept:
-- backend `file` reads the {conversation_hash, intent} JSONL at `intents.path` as it is;
+- backend `file` reads the {conversation_hash, intent} JSONL at `intents.path`: its hand-written rows
+  and those generated under the configured prompt version, never another version's
+  (data_prep.intents.store.read_intents_of_prompt);
 - backends `openai` and `hf` first generate the intents missing from that store for the current
   (prompt version, model) (data_prep.intents.generate), then read those.
 `python -m data_prep.intents` runs the generation alone.
@@ -10,7 +12,8 @@ data_prep asks `get_intents` for the intents of the conversations it kept:
 from __future__ import annotations
 
 from data_prep.intents.generate import backend_model, generate_intents
-from data_prep.intents.store import read_intents
+from data_prep.intents.prompt import IntentPrompt
+from data_prep.intents.store import read_intents, read_intents_of_prompt
 
 
 def get_intents(intents_cfg, conversations) -> dict[str, str]:
@@ -21,7 +24,8 @@ def get_intents(intents_cfg, conversations) -> dict[str, str]:
     data_prep.intents.generate), so data_prep never writes an output built on it.
     """
     if intents_cfg.backend == "file":
-        return read_intents(intents_cfg.path)
+        prompt = IntentPrompt(intents_cfg.prompt)
+        return read_intents_of_prompt(intents_cfg.path, prompt.version, prompt.fingerprint)
     generate_intents(intents_cfg, conversations)
     return read_intents(intents_cfg.path, intents_cfg.prompt.version, backend_model(intents_cfg))
 

@@ -31,7 +31,7 @@ from data_prep.intents.backends import BACKENDS, Job, Outcome
 from data_prep.intents.checks import intent_problem
 from data_prep.intents.prompt import IntentPrompt
 from core.jsonl import JsonlWriter
-from data_prep.intents.store import read_intents, read_store
+from data_prep.intents.store import check_prompt_unchanged, read_intents
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,6 @@ def backend_model(intents_cfg) -> str:
 
 def report_path(store_path) -> Path:
     return Path(store_path).with_suffix(".report.json")
-
-
-def check_prompt_unchanged(path: Path, version: str, model: str, fingerprint: str) -> None:
-    for row in read_store(path):
-        if (row.get("prompt_version"), row.get("model")) == (version, model) and row.get("prompt_sha") != fingerprint:
-            raise ValueError(f"{path}: intents of prompt version {version!r} were made with a different prompt "
-                             f"text (fingerprint {row.get('prompt_sha')}, now {fingerprint}): give the edited "
-                             "prompt a new version (intents.prompt.version) instead of reusing them")
 
 
 def generate_intents(intents_cfg, conversations) -> dict:
@@ -72,7 +64,7 @@ def fill_store(intents_cfg, conversations) -> dict:
     # ---- what is left to do ------------------------------------------------------------------
     cached = {}
     if path.exists():
-        check_prompt_unchanged(path, version, model, fingerprint)
+        check_prompt_unchanged(path, version, fingerprint, model)
         # An intent stored before today's checks that fails them is asked again (the newest row wins).
         cached = {h: intent for h, intent in read_intents(path, version, model).items() if not intent_problem(intent)}
     hashes = conversations["conversation_hash"]

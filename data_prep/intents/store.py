@@ -2,16 +2,27 @@
 
 data_prep reads it (`intents.path`); generation appends to it, one line per finished intent, the
 moment it arrives (core.jsonl: durable appends, a torn last line skipped by readers and cut by the
-writer). Generated lines carry the cache key (prompt_version, model) and the prompt fingerprint; a
-hand-written file may hold only {conversation_hash, intent}.
+writer). Generated lines carry the cache key (prompt_version, model) and the prompt fingerprint
+(`prompt_sha`: a hash of the whole prompt config, data_prep.intents.prompt); a hand-written file may
+hold only {conversation_hash, intent}.
+
+Intents of one prompt version are never used for another: generation selects the rows of its own
+(version, model); the `file` backend (`read_intents_of_prompt`) uses the hand-written rows and the
+rows generated under the run's prompt version, leaves out (and logs) those of other versions, and
+refuses a store that holds only other versions' intents (say, a v1 store read under prompt v2).
+Either way, rows of the run's version made with a different prompt text are refused.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from core.jsonl import jsonl_rows
+
+log = logging.getLogger(__name__)
 
 
 def read_store(path: str | Path) -> Iterator[dict]:
@@ -29,16 +40,58 @@ def read_intents(path: str | Path, prompt_version: Optional[str] = None, model: 
                  ) -> dict[str, str]:
     """Map conversation_hash -> intent.
 
-    With prompt_version and model: only the rows generated under that key. Without: every row, and
-    a conversation with two different intents (say, from two prompt versions) is an error, since
-    which one to use cannot be guessed.
+    With prompt_version and model: only the rows generated under that key (the newest row of a
+    conversation wins). Without: every row, and a conversation with two different intents (say,
+    from two prompt versions) is an error, since which one to use cannot be guessed.
     """
-    intents: dict[str, str] = {}
+    if prompt_version is None:
+        return intents_of_rows(path, read_store(path), one_intent_each=True)
+    return intents_of_rows(path, (row for row in read_store(path)
+                                  if (row.get("prompt_version"), row.get("model")) == (prompt_version, model)),
+                           one_intent_each=False)
+
+
+def read_intents_of_prompt(path: str | Path, prompt_version: str, prompt_sha: str) -> dict[str, str]:
+    """Map conversation_hash -> intent for a run whose prompt is (prompt_version, prompt_sha), from a
+    store it does not generate into (the `file` backend): hand-written rows (no prompt_version) and
+    rows generated under prompt_version, by any model; a conversation with two different intents
+    among them is an error. Rows of other versions are left out and logged; a store with rows of
+    other versions only is refused, naming them."""
+    check_prompt_unchanged(path, prompt_version, prompt_sha)
+    usable, other_versions = [], Counter()
     for row in read_store(path):
-        if prompt_version is not None and (row.get("prompt_version"), row.get("model")) != (prompt_version, model):
-            continue
+        version = row.get("prompt_version")
+        if version is None or version == prompt_version:
+            usable.append(row)
+        else:
+            other_versions[version] += 1
+    if other_versions and not usable:
+        raise ValueError(f"{path}: its intents were generated with prompt version(s) {sorted(other_versions)}, "
+                         f"and this run's prompt is {prompt_version!r}: they are not mixed. Run with "
+                         f"intents/prompt=<their version> to use them, or generate {prompt_version}'s "
+                         "(intents.backend=openai|hf) into this or another store")
+    if other_versions:
+        log.warning("%s: %d intents of other prompt versions (%s) left out: this run's prompt is %s", path,
+                    sum(other_versions.values()), ", ".join(f"{v} {n}" for v, n in sorted(other_versions.items())),
+                    prompt_version)
+    return intents_of_rows(path, usable, one_intent_each=True)
+
+
+def check_prompt_unchanged(path: str | Path, version: str, fingerprint: str, model: Optional[str] = None) -> None:
+    """Refuse rows generated under `version` (by `model`; None: by any) with another prompt text."""
+    for row in read_store(path):
+        if (row.get("prompt_version") == version and (model is None or row.get("model") == model)
+                and row.get("prompt_sha") != fingerprint):
+            raise ValueError(f"{path}: intents of prompt version {version!r} were made with a different prompt "
+                             f"text (fingerprint {row.get('prompt_sha')}, now {fingerprint}): give the edited "
+                             "prompt a new version (intents.prompt.version) instead of reusing them")
+
+
+def intents_of_rows(path, rows: Iterable[dict], one_intent_each: bool) -> dict[str, str]:
+    intents: dict[str, str] = {}
+    for row in rows:
         intent, previous = row["intent"].strip(), intents.get(row["conversation_hash"])
-        if previous is not None and previous != intent and prompt_version is None:
+        if previous is not None and previous != intent and one_intent_each:
             raise ValueError(f"{path}: conversation {row['conversation_hash']} has several intents (from "
                              "several prompt versions or models?): read it with the generating backend, "
                              "which selects its own, or keep one")
