@@ -107,7 +107,7 @@ def markdown_documents(tracked: list[str]) -> list[str]:
 # ---- the checks themselves, on texts whose answer is known ---------------------------------------
 def test_pointers_outside_finds_each_kind():
     text = ("ok line\n"
-            "# see " + "shared" + "/reference/x.md and " + ".." + "/shared/y\n"
+            "# see " + "shared" + "/reference/x.md and " + ".." + "/shared" + "/y\n"
             "path /" + "work" + "/main/z, reference" + " section 8\n"
             "notes: " + OUTSIDE_NOTES[1] + ", docs/reproduction.md\n")
     assert pointers_outside(text, set()) == [
