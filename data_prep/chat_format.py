@@ -2,7 +2,7 @@
 
 data_prep, train and evaluate all import this module; nothing else spells out the format.
 
-The format (shared/reference/userlm-paper.md, section 3):
+The format (UserLM-8b's published chat template; docs/reproduction.md, section 3):
 - no BOS token;
 - each message is  <|start_header_id|>ROLE<|end_header_id|> + "\\n" + content + <|eot_id|>,
   with the real roles: system (the task intent), user, assistant;

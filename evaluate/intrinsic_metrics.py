@@ -1,5 +1,6 @@
-"""The paper's six intrinsic metrics of user simulators (Section 3; reference section 6), one
-function each. All return percentages (0-100), as the paper reports them.
+"""The paper's six intrinsic metrics of user simulators (its Section 3; what it states and what we
+chose: docs/reproduction.md, section 6), one function each. All return percentages (0-100), as
+the paper reports them.
 
     first_turn_diversity     distinct 1-grams and 100 x (1 - mean pairwise Jaccard) of first turns
     intent_decomposition     1-gram overlap of user turns with their intent, stopwords removed
