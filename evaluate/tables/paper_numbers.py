@@ -11,8 +11,9 @@ extrinsic.py, funnel.py) read them from here; a number is changed here or nowher
 from __future__ import annotations
 
 # Held-out perplexity of user turns (the paper's perplexity table): WildChat's test split (17,943
-# conversations) and PRISM (8,011), each with no intent and with the conversation's intent. Per model, in the columns' order of evaluate/tables/perplexity.py:
-# WildChat no intent, WildChat intent, PRISM no intent, PRISM intent.
+# conversations) and PRISM (8,011), each with no intent and with the conversation's intent. Per model,
+# in the columns' order of evaluate/tables/perplexity.py: WildChat no intent, WildChat intent, PRISM no
+# intent, PRISM intent. Quoted in docs/reproduction.md.
 PERPLEXITY = {
     "Llama3.2-1b-Base": (37.68, 29.09, 84.00, 53.54),
     "Llama3-8b-Base": (98.29, 48.13, 89.98, 40.86),
@@ -25,6 +26,7 @@ PERPLEXITY = {
 
 # The intrinsic evaluation of user simulators (the paper's Table 2, Section 3), the rows we compare
 # with, by evaluate.intrinsic's metric name (absent: not reported for that row). All in %.
+# Quoted in docs/reproduction.md.
 INTRINSIC = {
     "UserLM-8b": {"first_turn_diversity": 94.55, "intent_decomposition": 2.69, "dialogue_termination": 63.54,
                   "naturalness": 80.21, "role_adherence": 93.95, "intent_adherence": 94.65},
@@ -38,7 +40,7 @@ INTRINSIC = {
 # assistant. By extrinsic.json's key in its "overall" block (evaluate/extrinsic/metrics.py). The
 # paper's "turn-count range" (3.7-5.7 for GPT-4o-mini) is read as the 10th-90th percentile range:
 # its two ends are turns.range_p10 and turns.range_p90. Unigram difference is a 0-1 share; the
-# others are % (coverage, task score) or turns.
+# others are % (coverage, task score) or turns. Quoted in docs/reproduction.md.
 EXTRINSIC = {
     "GPT-4o-mini user": {"intent_coverage": 86.6, "turns.variance": 0.9, "turns.range_p10": 3.7,
                          "turns.range_p90": 5.7, "unigram_difference": 0.43, "task_score": 73.2},
@@ -51,7 +53,8 @@ EXTRINSIC = {
 # The data funnel of WildChat-1M's non-toxic release (837,989 conversations; the paper's description of
 # its training data): conversations left after keeping English ones and after removing
 # near-duplicates, the conversations per split (users split 90/5/5 within each country) and the
-# flipped samples per split (one per user turn plus one end-of-conversation sample).
+# flipped samples per split (one per user turn plus one end-of-conversation sample). Quoted in
+# docs/reproduction.md.
 FUNNEL = {
     "WildChat-1M": {"english": 478_498, "after_near_duplicates": 384_336,
                     "conversations.train": 343_951, "conversations.validation": 22_442, "conversations.test": 17_943,
