@@ -5,12 +5,14 @@
     result["overall"]["task_score"], result["by_kind"]["math"]["turns"]["variance"], result["end_reasons"]
 
 `records`: transcripts.jsonl's conversations (task_id, kind, run, turns, end_reason, correct; user turns
-are the turns with role "user"); `tasks`: task_id -> Task. Blocks: `by_kind.math`, `by_kind.code` (always
-both; a kind without conversations has counts 0 and null metrics) and `overall`, each with:
+are the turns with role "user": an ending `<|endconversation|>` is no turn); `tasks`: task_id -> Task.
+Every conversation counts in every metric, whatever its end reason (one ended as intent_too_long has
+no user turn: coverage 0, 0 turns). Blocks: `by_kind.math`, `by_kind.code` (always both; a kind
+without conversations has counts 0 and null metrics) and `overall`, each with:
 
     conversations, tasks    how many conversations, and distinct tasks they belong to
     task_score              % of conversations with correct = true (the conversation's last answer attempt
-                            was correct). Every conversation counts, whatever its end reason.
+                            was correct)
     intent_coverage         per conversation, the % of its task's shards the user's turns conveyed; the
                             mean over conversations. A shard is conveyed when
                               - its text (case and whitespace folded) occurs in one user turn: conveyed,
