@@ -59,6 +59,7 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -69,6 +70,7 @@ from core.llm_client import ClientConfig, LLMClient, RequestFailed, parse_verdic
 from evaluate.extrinsic.tasks import CODE, MATH, Task
 from evaluate.lexical import STOPWORDS, unigrams
 
+log = logging.getLogger(__name__)
 USER = "user"
 RECORD_FIELDS = ("task_id", "kind", "run", "turns", "end_reason", "correct")
 YES, NO, MALFORMED, FAILED = "yes", "no", "malformed", "failed"   # a judge's answer to one question
@@ -265,6 +267,10 @@ def _judge_all(conversations: Sequence[_Conversation], judge: ShardJudge | None,
                 "\n".join(f"- {shard.text}" for shard in c.task.shards), _user_text(c.user_turns)))
             pending.append((c, None))
     answers = judge.answers(questions) if judge is not None else []
+    unusable = Counter(a for a in answers if a in (MALFORMED, FAILED))
+    if unusable:
+        log.warning("metrics judge: %s of %d answers unusable (coverage falls back to the lexical rule; added "
+                    "requirements unjudged)", dict(sorted(unusable.items())), len(answers))
     for (c, index), answer in zip(pending, answers, strict=True):
         if index is None:
             c.added, c.added_how = {YES: True, NO: False}.get(answer), answer
