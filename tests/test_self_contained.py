@@ -28,9 +28,6 @@ OUTSIDE = re.compile("|".join([
 # File names of those outside notes: a mention is a pointer unless the repository has such a file.
 OUTSIDE_NOTES = ("userlm" + "-paper.md", "cpu" + "-stack.md", "lost-in" + "-conversation.md",
                  "datasets" + ".md", "style" + ".md")
-# Work in progress on other branches, allowed for now. Each entry fails the test once it is no
-# longer needed (the file exists, the choice composes, the pointer is gone): delete it then.
-BEING_REWRITTEN = {"evaluate/tables/perplexity.py", "evaluate/tables/intrinsic.py"}   # may still point outside
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", re.MULTILINE)
@@ -128,19 +125,13 @@ def test_broken_links_resolves_relative_to_the_document():
 def test_no_tracked_file_points_outside_the_repository():
     tracked = tracked_files()
     names = {PurePosixPath(n).name for n in tracked}
-    found, allowed = [], set()
+    found = []
     for name in tracked:
         text = text_of(name) if (ROOT / name).is_file() else None
-        if text is None:
-            continue
-        pointers = [f"{name}:{line}: {what}" for line, what in pointers_outside(text, names)]
-        if name in BEING_REWRITTEN:
-            allowed |= {name} if pointers else set()
-        else:
-            found += pointers
+        if text is not None:
+            found += [f"{name}:{line}: {what}" for line, what in pointers_outside(text, names)]
     assert not found, ("these point at documents outside the repository; say what is needed in place, "
                        "or point into docs/:\n" + "\n".join(found))
-    assert allowed == BEING_REWRITTEN, f"no longer needed: delete {sorted(BEING_REWRITTEN - allowed)} from BEING_REWRITTEN"
 
 
 def test_markdown_links_resolve_to_tracked_files():
