@@ -16,7 +16,7 @@ Two extractors (`grading.extractor`):
   copies the final answer. Only `answer_attempt` is an attempt (the other labels become the
   detail). The rule checks the judge: a math answer must occur verbatim in the reply and be a
   number, else the reply counts as no attempt (`answer_not_in_reply`); code is extracted by the rule
-  from a reply the judge called an attempt. A judge request that fails for good, or a judge reply
+  from a reply the judge called an attempt (`no_code_in_reply` when there is none). A judge request that fails for good, or a judge reply
   that is not the JSON asked for, makes no attempt (`judge_failed:<reason>`, `judge_unparsable`),
   logged.
 
