@@ -167,3 +167,11 @@ def test_prepare_answer_adds_the_prompt_imports_and_names_the_last_function():
     assert prepare_answer("def f(x):\n    return 1\n", "f", prompt) == "from typing import List\nimport math\n" \
                                                                       "def f(x):\n    return 1\n"
     assert prepare_answer("def f(x) return", "f", prompt) is None
+
+
+def test_the_harness_sets_its_limits_before_the_answer_runs(attempts_root):
+    """The limits themselves, as the answer sees them (root ignores RLIMIT_NPROC, but it is set)."""
+    task = probe("limits", [[256 << 20] * 2, [4, 4], [16 << 20] * 2, [4, 4]])   # AS, CPU (ceil(3.0) + 1), FSIZE, NPROC
+    code = ("import resource\ndef limits():\n    return [resource.getrlimit(getattr(resource, 'RLIMIT_' + n))"
+            " for n in ('AS', 'CPU', 'FSIZE', 'NPROC')]\n")
+    assert run_code_tests(code, task, exec_cfg()).passed

@@ -157,3 +157,15 @@ def test_a_hub_id_reads_the_cached_file_and_records_its_commit(tmp_path, monkeyp
     assert (loaded.provenance["source"], loaded.provenance["revision"], loaded.provenance["resolved_sha"]) == \
         (HUB_DATASET, "main", sha)
     assert loaded.provenance["sha256"] == hashlib.sha256(FIXTURE.read_bytes()).hexdigest()
+
+
+def test_a_source_that_is_not_a_json_task_file_is_an_error(tmp_path):
+    with pytest.raises(TaskDataError, match="no such file"):
+        load_tasks(tasks_cfg(tmp_path / "missing.json"))
+    with pytest.raises(TaskDataError, match="cannot be read"):
+        load_tasks(tasks_cfg(tmp_path))
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(TaskDataError, match="bad.json: not a JSON file"):
+        load_tasks(tasks_cfg(tmp_path / "bad.json"))
+    with pytest.raises(TaskDataError, match="expected a JSON list of tasks, got dict"):
+        load_tasks(tasks_cfg(write(tmp_path, {"task_id": "x"})))

@@ -27,7 +27,8 @@ What each attempt gets:
 - limits the harness sets on itself before loading the answer: address space `code.memory_mb`
   (RLIMIT_AS: an allocation past it raises MemoryError, reason `memory`), CPU time
   `code.attempt_timeout_s` + 1 s (RLIMIT_CPU), files written at most 16 MiB (RLIMIT_FSIZE), and
-  processes (RLIMIT_NPROC): the answer may not fork beyond a few processes of its user. Linux does
+  processes (RLIMIT_NPROC = 4, counted over all of its user's processes: in practice the answer
+  cannot start any). Linux does
   not apply RLIMIT_NPROC to root, so under root a fork bomb is bounded only by the attempt timeout
   killing the process group (children that start their own session escape it): run as another
   user or with a command prefix where that matters.

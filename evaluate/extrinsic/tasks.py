@@ -49,6 +49,7 @@ import binascii
 import json
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 HUB_DATASET = "microsoft/lost_in_conversation"
 HUB_FILENAME = "sharded_instructions_600.json"
+SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class TaskKind(StrEnum):
@@ -321,6 +323,8 @@ def _read_json(path: Path, shown: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskDataError(f"tasks.source={shown}: no such file") from None
+    except OSError as e:
+        raise TaskDataError(f"tasks.source={shown}: cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise TaskDataError(f"{shown}: not a JSON file ({e})") from None
 
@@ -363,6 +367,9 @@ def load_tasks(cfg: TasksConfig) -> LoadedTasks:
     if _is_local(source):
         path, shown, sha = Path(source), source, None
     else:
+        if not (cfg.revision and SHA.fullmatch(cfg.revision)):
+            log.warning("tasks.revision=%s is not a commit sha: the hub file may change under it (the sha read "
+                        "is recorded)", cfg.revision)
         path, sha = fetch_from_hub(source, cfg.revision)
         shown = f"{source}/{HUB_FILENAME}@{sha}"
     rows = _read_json(path, shown)
