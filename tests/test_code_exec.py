@@ -86,6 +86,10 @@ def test_wrong_answers_fail_with_the_tests_that_passed(tasks, attempts_root):
     raises = "def count_vowels(text):\n    if not text:\n        raise ValueError('empty')\n    return 3\n"
     assert run_code_tests(raises, task, exec_cfg()) == ExecResult(False, 1, 3, "error")
     assert run_code_tests("def count_vowels(text) return 1", task, exec_cfg()) == ExecResult(False, 0, 3, "syntax_error")
+    exits = "import os\ndef count_vowels(text):\n    if not text:\n        os._exit(3)\n    return 3\n"
+    assert run_code_tests(exits, task, exec_cfg()) == ExecResult(False, 1, 3, "crashed")   # the harness died with it
+    loops_on_load = "while True:\n    pass\n"
+    assert run_code_tests(loops_on_load, task, exec_cfg()) == ExecResult(False, 0, 3, "timeout")
     assert run_code_tests("COUNT = 3\n", task, exec_cfg()) == ExecResult(False, 0, 3, "no_function")
     assert run_code_tests("import nonexistent_module\ndef count_vowels(t):\n    return 0\n", task,
                           exec_cfg()) == ExecResult(False, 0, 3, "error")
