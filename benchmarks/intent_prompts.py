@@ -53,7 +53,8 @@ sys.path.insert(0, str(REPO))
 from core import artifacts  # noqa: E402
 from data_prep.chat_format import INTENT_PREFIX  # noqa: E402
 from data_prep.intents.store import read_intents  # noqa: E402
-from evaluate.intrinsic_metrics import STOPWORDS, WORD, intent_decomposition, unigrams  # noqa: E402
+from evaluate.intrinsic_metrics import intent_decomposition  # noqa: E402
+from evaluate.lexical import STOPWORDS, WORD, unigrams  # noqa: E402
 
 SENTENCE_END = re.compile(r"[.!?]\s*$")
 
