@@ -62,7 +62,7 @@ import evaluate.extrinsic.config  # noqa: F401  (registers the config schema)
 from core import artifacts
 from core.jsonl import JsonlWriter
 from core.llm_client import check_config_key_names
-from data_prep.chat_format import ASSISTANT
+from data_prep.chat_format import ASSISTANT, USER
 from evaluate.assistants import describe, make_assistant, with_system_prompt
 from evaluate.config import result_name
 from evaluate.conversation import (ASSISTANT_ERROR, INTENT_TOO_LONG, USER_ENDED, USER_ERROR, Conversation,
@@ -137,8 +137,10 @@ def grade_replies(grader: Grader, tasks: Mapping[str, Task]):
 def record(conversation: Conversation, item: Item, user_kind: str) -> dict:
     """The transcripts.jsonl line of a finished conversation."""
     attempts = [t["grade"] for t in conversation.turns if t["role"] == ASSISTANT and t["grade"]["attempt"]]
+    turns = [{"shard_id": None, **t} if t["role"] == USER and "shard_id" not in t else t   # user_lm names none
+             for t in conversation.turns]
     row = {"task_id": item.task.task_id, "kind": str(item.task.kind), "run": item.run, "user": user_kind,
-           "intent": conversation.intent, "turns": conversation.turns, "end_reason": conversation.end_reason,
+           "intent": conversation.intent, "turns": turns, "end_reason": conversation.end_reason,
            "correct": bool(attempts) and attempts[-1]["correct"]}
     if user_kind == USER_LM:
         row["truncated_prompts"] = conversation.truncated_prompts

@@ -140,13 +140,16 @@ class PromptedLLMUser:
 
     def __init__(self, cfg, tasks: Mapping[str, Task], seeds: Mapping[str, int]):
         self.cfg, self.tasks, self.seeds = cfg, tasks, seeds
+        # conversation id -> the shard id of each of its user turns so far (the runner hands users
+        # the messages only): a turn 1 starts the list afresh
+        self.shards_given: dict[str, list[int | None]] = {}
 
     def check_intent_fits(self, intent: str | None) -> None:
         """The prompt is the conversation itself: an endpoint's context limit fails the request instead."""
 
     def prompt(self, request: TurnRequest) -> str:
         task = self.tasks[request.conversation_id]
-        revealed = revealed_shards(request.turns)
+        revealed = set(self.shards_given[request.conversation_id]) - {None}
         return self.cfg.prompt.format(
             conversation=render_transcript(request.turns),
             revealed=render_shards([s for s in task.shards if s.id in revealed]),
@@ -156,14 +159,19 @@ class PromptedLLMUser:
         turns: list[ShardTurn | None] = [None] * len(requests)
         asked = []
         for i, request in enumerate(requests):
-            if not any(t["role"] == USER for t in request.turns):   # turn 1: shard 1 as written, as LiC
+            given = sum(t["role"] == USER for t in request.turns)
+            if given == 0:   # turn 1: shard 1 as written, as LiC
                 first = self.tasks[request.conversation_id].shards[0]
                 turns[i] = ShardTurn(first.text, first.id)
+                self.shards_given[request.conversation_id] = []
             else:
                 asked.append(i)
         if asked:
             for i, turn in zip(asked, asyncio.run(self._ask([requests[i] for i in asked]))):
                 turns[i] = turn
+        for request, turn in zip(requests, turns):
+            if turn.error is None:
+                self.shards_given[request.conversation_id].append(turn.shard_id)
         return turns
 
     async def _ask(self, requests: Sequence[TurnRequest]) -> list[ShardTurn]:
