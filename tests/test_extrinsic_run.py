@@ -201,7 +201,7 @@ def test_user_lm_ends_and_intents_too_long(biased_user_lm, tmp_path):
                                                             "user.user_lm.sampling.max_new_tokens=8190")))
     records = read_transcripts(out / "transcripts.jsonl")
     assert {r["end_reason"] for r in records} == {"intent_too_long"} and len(records) == 8
-    assert all(r["turns"] == [] and r["correct"] is False and "context" in r["error"] for r in records)
+    assert all(r["turns"] == [] and r["correct"] is False and "leaves no room" in r["error"] for r in records)
 
 
 def test_assistant_error_ends_that_conversation_only(tmp_path, monkeypatch):
