@@ -49,10 +49,12 @@ def known_answer(body: dict) -> str:
     }[task]()
 
 
-def overrides(out: Path, *extra: str) -> list[str]:
+def overrides(out: Path, *extra: str, turns: int = 4) -> list[str]:
     return ["experiment=tiny", f"tasks.source={FIXTURE}", "tasks.limit=null", f"output_dir={out}", "progress=false",
+            f"conversation.max_user_turns={turns}",
             f"assistant.system_prompts.math='{MATH_PROMPT}'", f"assistant.system_prompts.code='{CODE_PROMPT}'",
-            "grading.code.test_timeout_s=0.5", "grading.code.attempt_timeout_s=3", *extra]
+            "grading.code.test_timeout_s=0.5", "grading.code.attempt_timeout_s=3",
+            'assistant.scripted.replies=["Could you tell me more about what you need?","The answer is 216."]', *extra]
 
 
 def served(base_url: str, prefix: str) -> list[str]:
@@ -179,8 +181,8 @@ def test_prompted_llm_user(tmp_path, monkeypatch):
 
 
 def tiny_lm_overrides(model: Path, out: Path, *extra: str) -> list[str]:
-    return overrides(out, f"user.user_lm.model.name_or_path={model}", "tasks.limit=4", "conversation.max_user_turns=3",
-                     "user.user_lm.sampling.max_new_tokens=8", "user.user_lm.guardrails.max_retries=1", *extra)
+    return overrides(out, f"user.user_lm.model.name_or_path={model}", "tasks.limit=4",
+                     "user.user_lm.sampling.max_new_tokens=8", "user.user_lm.guardrails.max_retries=1", *extra, turns=3)
 
 
 def test_user_lm_ends_and_intents_too_long(biased_user_lm, tmp_path):

@@ -93,8 +93,11 @@ class Item:
 
 
 def plan(tasks: Sequence[Task], simulations_per_task: int) -> list[Item]:
-    """Every (task, run), task by task in the tasks' order."""
-    return [Item(task, run) for task in tasks for run in range(simulations_per_task)]
+    """Every (task, run), task by task: kind by kind (in the order kinds first occur), each kind in the
+    tasks' order, so that chunks (one kind each) are full."""
+    kinds = list(dict.fromkeys(task.kind for task in tasks))
+    return [Item(task, run) for kind in kinds for task in tasks if task.kind == kind
+            for run in range(simulations_per_task)]
 
 
 def chunks(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
