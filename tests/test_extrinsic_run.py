@@ -4,7 +4,6 @@ whose answers are known, the three users, every end reason, resume to the same b
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 

@@ -55,12 +55,10 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import evaluate.extrinsic.config  # noqa: F401  (registers the config schema)
 from core import artifacts
-from core.jsonl import JsonlWriter
 from core.llm_client import check_config_key_names
 from data_prep.chat_format import ASSISTANT, USER
 from evaluate.assistants import describe, make_assistant, with_system_prompt
@@ -71,7 +69,7 @@ from evaluate.extrinsic.grading import Grader
 from evaluate.extrinsic.metrics import extrinsic_metrics, make_judge
 from evaluate.extrinsic.tasks import Task, load_tasks
 from evaluate.extrinsic.users import PROMPTED_LLM, USER_LM, derive_seed, make_user, revealed_shards, task_intent
-from evaluate.simulate import check_same_config
+from evaluate.simulate import resume_into
 from evaluate.transcripts import read_transcripts
 
 TASK_SOLVED, SHARDS_EXHAUSTED = "task_solved", "shards_exhausted"
@@ -190,12 +188,7 @@ def run(cfg) -> Path:
 
 def evaluate(cfg, out_dir: Path) -> Path:
     # ---- config, tasks and what is already done ----------------------------------------------------
-    run_config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "progress"])
-    config_yaml = OmegaConf.to_yaml(run_config, resolve=True)
-    check_same_config(out_dir, config_yaml)
-    artifacts.write_text(out_dir / "config.yaml", config_yaml)
-    transcripts_path = out_dir / "transcripts.jsonl"
-    writer = JsonlWriter(transcripts_path)  # cuts a torn last line left by a killed run
+    run_config, transcripts_path, writer = resume_into(cfg, out_dir)
     done = {(r["task_id"], r["run"]) for r in read_transcripts(transcripts_path)}
     loaded = load_tasks(cfg.tasks)
     tasks_provenance = {**loaded.provenance, "skipped": loaded.skipped}
