@@ -135,8 +135,9 @@ def run_conversations(simulator, assistant: Assistant, items: Iterable[tuple[str
         for conversation, reply in zip(waiting, replies):
             if reply.text is not None:
                 conversation.turns.append({"role": ASSISTANT, "content": reply.text})
-        if on_replies is not None:
-            on_replies([c for c, reply in zip(waiting, replies) if reply.text is not None])
+        answered = [c for c, reply in zip(waiting, replies) if reply.text is not None]
+        if on_replies is not None and answered:
+            on_replies(answered)
         active = []
         for conversation, reply in zip(waiting, replies):   # in the round's order, failed or not
             if reply.text is None:
