@@ -113,7 +113,7 @@ def judged_config(server) -> MetricsConfig:
     return cfg
 
 
-def test_judge_path_with_a_malformed_reply_falling_back():
+def test_judge_path_with_a_malformed_reply_falling_back(caplog):
     with OpenAIServer(reply=judge_reply) as server:
         cfg = judged_config(server)
         result = extrinsic_metrics(RECORDS, TASKS, make_judge(cfg), cfg)
@@ -131,6 +131,7 @@ def test_judge_path_with_a_malformed_reply_falling_back():
                                "coverage": {"malformed": 1, "no": 2, "verbatim": 5, "yes": 3},
                                "added_requirements": {"no": 1, "verbatim": 2, "yes": 1}}
     assert overall["task_score"] == 50.0   # the judge changes no other metric
+    assert "{'malformed': 1} of 8 answers unusable" in caplog.text
 
 
 def test_a_failed_judge_request_is_counted_and_unjudged():

@@ -132,10 +132,10 @@ def test_tables_without_results_show_the_paper(tmp_path):
     assert "| WildChat-1M | (paper 478,498) | (paper 384,336) |" in md_funnel.read_text()
 
 
-def test_tiny_and_paper_presets_list_every_table():
-    for preset in ("tiny", "paper"):
-        cfg = compose_config("table", [f"experiment={preset}"])
-        assert list(cfg.tables) == ["perplexity", "intrinsic", "extrinsic", "funnel"]
-    tiny = compose_config("table", ["experiment=tiny"])
+def test_presets_read_the_extrinsic_results_and_the_funnel_where_their_stages_write():
+    # (test_perplexity.py::test_presets_compose checks that both presets list every table)
+    tiny, paper = (compose_config("table", [f"experiment={preset}"]) for preset in ("tiny", "paper"))
     assert (tiny.extrinsic.results_dir, tiny.funnel.files.wildchat) == (
         "outputs/tiny/results/extrinsic", "outputs/tiny/data/wildchat/funnel.json")
+    assert (paper.extrinsic.results_dir, paper.funnel.files.wildchat) == (
+        "results/extrinsic", "outputs/paper/data/wildchat/funnel.json")

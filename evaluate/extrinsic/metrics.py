@@ -5,12 +5,14 @@
     result["overall"]["task_score"], result["by_kind"]["math"]["turns"]["variance"], result["end_reasons"]
 
 `records`: transcripts.jsonl's conversations (task_id, kind, run, turns, end_reason, correct; user turns
-are the turns with role "user"); `tasks`: task_id -> Task. Blocks: `by_kind.math`, `by_kind.code` (always
-both; a kind without conversations has counts 0 and null metrics) and `overall`, each with:
+are the turns with role "user": an ending `<|endconversation|>` is no turn); `tasks`: task_id -> Task.
+Every conversation counts in every metric, whatever its end reason (one ended as intent_too_long has
+no user turn: coverage 0, 0 turns). Blocks: `by_kind.math`, `by_kind.code` (always both; a kind
+without conversations has counts 0 and null metrics) and `overall`, each with:
 
     conversations, tasks    how many conversations, and distinct tasks they belong to
     task_score              % of conversations with correct = true (the conversation's last answer attempt
-                            was correct). Every conversation counts, whatever its end reason.
+                            was correct)
     intent_coverage         per conversation, the % of its task's shards the user's turns conveyed; the
                             mean over conversations. A shard is conveyed when
                               - its text (case and whitespace folded) occurs in one user turn: conveyed,
@@ -57,6 +59,7 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -67,6 +70,7 @@ from core.llm_client import ClientConfig, LLMClient, RequestFailed, parse_verdic
 from evaluate.extrinsic.tasks import CODE, MATH, Task
 from evaluate.lexical import STOPWORDS, unigrams
 
+log = logging.getLogger(__name__)
 USER = "user"
 RECORD_FIELDS = ("task_id", "kind", "run", "turns", "end_reason", "correct")
 YES, NO, MALFORMED, FAILED = "yes", "no", "malformed", "failed"   # a judge's answer to one question
@@ -263,6 +267,10 @@ def _judge_all(conversations: Sequence[_Conversation], judge: ShardJudge | None,
                 "\n".join(f"- {shard.text}" for shard in c.task.shards), _user_text(c.user_turns)))
             pending.append((c, None))
     answers = judge.answers(questions) if judge is not None else []
+    unusable = Counter(a for a in answers if a in (MALFORMED, FAILED))
+    if unusable:
+        log.warning("metrics judge: %s of %d answers unusable (coverage falls back to the lexical rule; added "
+                    "requirements unjudged)", dict(sorted(unusable.items())), len(answers))
     for (c, index), answer in zip(pending, answers, strict=True):
         if index is None:
             c.added, c.added_how = {YES: True, NO: False}.get(answer), answer
