@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from evaluate.extrinsic.code_exec import CodeExecConfig, ExecResult, prepare_answer, run_code_tests
-from evaluate.extrinsic.tasks import CODE, CodeTest, Task, TasksConfig, load_tasks
+from evaluate.extrinsic.tasks import CODE, SAMPLE_TASKS, CodeTest, Task, TasksConfig, load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "lic" / "sharded_instructions.json"
-SAMPLE = REPO / "evaluate" / "extrinsic" / "sample" / "sharded_instructions.json"
 
 # a correct solution of every code task in the fixture and the sample: proves their tests right
 SOLUTIONS = {
@@ -53,7 +52,7 @@ def all_code_tasks(path: Path) -> dict[str, Task]:
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, Task]:
-    return {**all_code_tasks(FIXTURE), **all_code_tasks(SAMPLE)}
+    return {**all_code_tasks(FIXTURE), **all_code_tasks(SAMPLE_TASKS)}
 
 
 def probe(func: str, expected) -> Task:
@@ -86,6 +85,10 @@ def test_wrong_answers_fail_with_the_tests_that_passed(tasks, attempts_root):
     raises = "def count_vowels(text):\n    if not text:\n        raise ValueError('empty')\n    return 3\n"
     assert run_code_tests(raises, task, exec_cfg()) == ExecResult(False, 1, 3, "error")
     assert run_code_tests("def count_vowels(text) return 1", task, exec_cfg()) == ExecResult(False, 0, 3, "syntax_error")
+    exits = "import os\ndef count_vowels(text):\n    if not text:\n        os._exit(3)\n    return 3\n"
+    assert run_code_tests(exits, task, exec_cfg()) == ExecResult(False, 1, 3, "crashed")   # the harness died with it
+    loops_on_load = "while True:\n    pass\n"
+    assert run_code_tests(loops_on_load, task, exec_cfg()) == ExecResult(False, 0, 3, "timeout")
     assert run_code_tests("COUNT = 3\n", task, exec_cfg()) == ExecResult(False, 0, 3, "no_function")
     assert run_code_tests("import nonexistent_module\ndef count_vowels(t):\n    return 0\n", task,
                           exec_cfg()) == ExecResult(False, 0, 3, "error")
@@ -96,7 +99,7 @@ def test_an_infinite_loop_times_out_and_scores_zero(tasks, attempts_root):
     started = time.monotonic()
     result = run_code_tests("def count_vowels(text):\n    while True:\n        pass\n", task, exec_cfg())
     assert result == ExecResult(False, 0, 3, "timeout")
-    assert time.monotonic() - started < 3.0          # three 0.5 s test timeouts, within the attempt's 3 s
+    assert time.monotonic() - started < 3.0 + 2.0    # three 0.5 s test timeouts, else the attempt's 3 s
     # a loop that swallows the per-test timer: the attempt's deadline kills its process group
     stubborn = "def count_vowels(text):\n    while True:\n        try:\n            while True:\n                pass\n" \
                "        except BaseException:\n            pass\n"

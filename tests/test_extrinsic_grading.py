@@ -105,11 +105,11 @@ def test_the_rule_grader_grades_math_and_runs_code(tasks):
 
 
 def test_code_attempts_run_concurrently(tasks):
-    """Two attempts that outlive their 1.5 s deadline, on 2 workers: killed together, not one after the other."""
+    """Two attempts that outlive their 3 s deadline, on 2 workers: killed together, not one after the other."""
     stubborn = "def count_vowels(text):\n    while True:\n        try:\n            while True:\n                pass\n" \
                "        except BaseException:\n            pass\n"
     cfg = code_cfg()
-    cfg.attempt_timeout_s = 1.5
+    cfg.attempt_timeout_s = 3.0
     grader = Grader(GradingConfig(extractor="rule", code=cfg))
     started = time.monotonic()
     try:
@@ -117,7 +117,7 @@ def test_code_attempts_run_concurrently(tasks):
     finally:
         grader.close()
     assert [g.detail for g in grades] == ["timeout (tests 0/3)"] * 2
-    assert time.monotonic() - started < 2 * 1.5
+    assert time.monotonic() - started < 2 * 3.0 - 0.5   # one after the other: 6 s and more
 
 
 def test_a_composed_grading_config_needs_a_judge_only_for_llm():
@@ -144,6 +144,7 @@ JUDGED = {   # assistant reply -> the judge's scripted reply
     "Is that 45 boxes in total, or per class?": '{"label": "clarification", "answer": null}',
     "It comes to 3,400 pencils.": '{"label": "answer_attempt", "answer": "3400"}',   # not written so
     "Maybe 3,400, maybe 3,500.": "I think this is a hedge.",                         # not the JSON asked for
+    "About three thousand four hundred.": '{"label": "answer_attempt", "answer": "three thousand four hundred"}',
     "After the gift, 3,300 remain.": '```json\n{"label": "answer_attempt", "answer": "3,300"}\n```',
     "Please FAULT this one: 3,400": '{"label": "answer_attempt", "answer": "3,400"}',
     f"```python\n{COUNT_VOWELS}```": '{"label": "answer_attempt", "answer": null}',
@@ -160,7 +161,7 @@ def judge_reply(body: dict) -> str:
 def test_the_llm_extractor_is_checked_by_the_rule(tasks):
     pencils, vowels = tasks["sharded-GSM8K/fixture-1"], tasks["sharded-HumanEval/fixture-1"]
     replies = list(JUDGED)
-    items = [(pencils, r) for r in replies[:6]] + [(vowels, r) for r in replies[6:]]
+    items = [(pencils, r) for r in replies[:7]] + [(vowels, r) for r in replies[7:]]
     with OpenAIServer(reply=judge_reply, latency_s=0.05) as server:
         server.rules.append((lambda body: "FAULT" in json.dumps(body), "400"))   # fails for good
         judge = ClientConfig(base_url=server.base_url, model="judge", concurrency=4, max_retries=0)
@@ -175,6 +176,7 @@ def test_the_llm_extractor_is_checked_by_the_rule(tasks):
         Grade(False, None, False, "clarification"),
         Grade(False, None, False, "answer_not_in_reply"),    # "3400" does not occur in the reply
         Grade(False, None, False, "judge_unparsable"),
+        Grade(False, None, False, "answer_not_a_number"),
         Grade(True, "3,300", False, "wrong_answer"),
         Grade(False, None, False, "judge_failed:http_400"),
         Grade(True, COUNT_VOWELS, True, "tests 3/3"),

@@ -9,12 +9,11 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from evaluate.extrinsic.tasks import (CODE, HUB_DATASET, HUB_FILENAME, MATH, PAPER_PER_KIND, CodeTest, Shard,
-                                      TaskDataError, TasksConfig, load_tasks)
+from evaluate.extrinsic.tasks import (CODE, HUB_DATASET, HUB_FILENAME, MATH, PAPER_PER_KIND, SAMPLE_TASKS, CodeTest,
+                                      Shard, TaskDataError, TasksConfig, load_tasks)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "lic" / "sharded_instructions.json"
-SAMPLE = REPO / "evaluate" / "extrinsic" / "sample" / "sharded_instructions.json"
 ROWS = json.loads(FIXTURE.read_text())
 
 
@@ -64,7 +63,7 @@ def test_kinds_and_sources_select_what_is_kept():
 
 
 def test_the_embedded_sample_holds_six_math_and_four_code_tasks():
-    loaded = load_tasks(tasks_cfg(SAMPLE))
+    loaded = load_tasks(tasks_cfg(SAMPLE_TASKS))
     assert loaded.provenance["selected"] == {"math": 6, "code": 4} and loaded.skipped == {}
     assert {t.answer for t in loaded.tasks if t.kind == MATH} == {"33", "260", "60", "1,400", "9", "64"}
 

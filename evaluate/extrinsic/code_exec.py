@@ -191,7 +191,7 @@ def prepare_answer(code: str, func_name: str, prompt: str | None) -> str | None:
     source = prompt_imports(prompt) + code.strip("\n") + "\n"
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):   # null bytes, absurd nesting
         return None
     top = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
     names = {node.name for node in top}
@@ -205,23 +205,23 @@ def _environment(work: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
 
 
-def _read_results(path: Path) -> list[dict]:
-    lines = []
+def _read_results(path: Path) -> tuple[list[dict], str]:
+    """The harness's JSON lines, and the rest (an interpreter's traceback, a torn last line)."""
+    lines, other = [], []
     for line in path.read_text(errors="replace").splitlines():
         try:
             lines.append(json.loads(line))
-        except ValueError:   # the last line of a killed harness, or the answer writing to our fd
-            continue
-    return lines
+        except ValueError:
+            other.append(line)
+    return lines, "\n".join(other)
 
 
 def _outcome(lines: list[dict], total: int, timed_out: bool, returncode: int | None) -> ExecResult:
     load = next((line for line in lines if "load" in line), None)
     statuses = {line["test"]: line.get("status") for line in lines if isinstance(line.get("test"), int)}
     passed = sum(status == "pass" for status in statuses.values())
-    if load is not None and load["load"] != "ok":
-        reason = {"error": "error", "no_function": "no_function"}.get(load["load"], load["load"])
-        return ExecResult(False, 0, total, reason)
+    if load is not None and load["load"] != "ok":   # error, timeout, memory or no_function while loading
+        return ExecResult(False, 0, total, load["load"])
     if timed_out:
         return ExecResult(False, passed, total, "timeout")
     if len(statuses) < total:   # the harness died mid-way: CPU limit (SIGXCPU), a signal, a crash
@@ -259,7 +259,11 @@ def run_code_tests(code: str, task, cfg: CodeExecConfig) -> ExecResult:
                                        cwd=work, env=_environment(work), stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=out, close_fds=True, start_new_session=True)
             timed_out = _wait(process, cfg.attempt_timeout_s)
-        return _outcome(_read_results(results), total, timed_out, process.returncode)
+        lines, other = _read_results(results)
+        result = _outcome(lines, total, timed_out, process.returncode)
+        if result.reason == "crashed":
+            log.warning("%s: the attempt's interpreter exited with %s: %.500s", task.task_id, process.returncode, other)
+        return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if root.exists():

@@ -15,7 +15,7 @@ Two extractors (`grading.extractor`):
   `clarification`, `interrogation`, `discussion`, `hedge`, `refuse`, `missing`) and, for math,
   copies the final answer. Only `answer_attempt` is an attempt (the other labels become the
   detail). The rule checks the judge: a math answer must occur verbatim in the reply and be a
-  number, else the reply counts as no attempt (`answer_not_in_reply`); code is extracted by the rule
+  number, else the reply counts as no attempt (`answer_not_in_reply`, `answer_not_a_number`); code is extracted by the rule
   from a reply the judge called an attempt (`no_code_in_reply` when there is none). A judge request that fails for good, or a judge reply
   that is not the JSON asked for, makes no attempt (`judge_failed:<reason>`, `judge_unparsable`),
   logged.
@@ -173,11 +173,11 @@ def parse_judge(text: str) -> tuple[str, str | None] | None:
     return verdict["label"], (str(answer).strip() if answer is not None else None)
 
 
-def checked_math_answer(answer: str | None, reply: str) -> str | None:
-    """The judge's math answer if the rule agrees it is a number written in the reply, else None."""
+def math_answer_check(answer: str | None, reply: str) -> str | None:
+    """Why the rule rejects the judge's math answer (None: it is a number written in the reply)."""
     if not answer or answer not in reply:
-        return None
-    return answer if last_number(answer) is not None else None
+        return "answer_not_in_reply"
+    return "answer_not_a_number" if last_number(answer) is None else None
 
 
 class Grader:
@@ -222,9 +222,9 @@ class Grader:
             return Grade(False, None, False, label)
         if task.kind == CODE:
             return self._run_code(extract_code(reply), task, no_code="no_code_in_reply")
-        answer = checked_math_answer(answer, reply)
-        if answer is None:
-            return Grade(False, None, False, "answer_not_in_reply")
+        rejected = math_answer_check(answer, reply)
+        if rejected:
+            return Grade(False, None, False, rejected)
         return grade_math(answer, task)
 
     def grade_many(self, items: Sequence[tuple[Task, str]]) -> list[Grade]:

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 HUB_DATASET = "microsoft/lost_in_conversation"
 HUB_FILENAME = "sharded_instructions_600.json"
 SHA = re.compile(r"[0-9a-f]{40}")
+SAMPLE_TASKS = Path(__file__).parent / "sample" / "sharded_instructions.json"   # the quickstart's 6 math + 4 code
 
 
 class TaskKind(StrEnum):
