@@ -34,7 +34,7 @@ $py -m evaluate.perplexity -m experiment=tiny model=outputs/tiny/train/model nam
 #    conversations (diversity, intent decomposition, termination on the PRISM sample).
 $py -m evaluate.simulate experiment=tiny
 $py -m evaluate.intrinsic experiment=tiny
-# 7. Extrinsic evaluation (~30-60 s): the trained tiny user LM reveals 4 of the embedded LiC-layout tasks
+# 7. Extrinsic evaluation (~30 s): the trained tiny user LM reveals 4 of the embedded LiC-layout tasks
 #    (2 math, 2 code) to the random tiny model, twice each, rule grading; then the deterministic
 #    verbatim_shards user against a scripted assistant (asks once, then answers), the floor of the
 #    diversity metrics. -> outputs/tiny/results/extrinsic/<user>/{transcripts.jsonl,extrinsic.json}
