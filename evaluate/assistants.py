@@ -18,6 +18,7 @@ intent; its own system prompt (config) comes first.
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -115,6 +116,16 @@ def make_assistant(cfg):
     if cfg.kind == "scripted":
         return ScriptedAssistant(cfg.scripted.replies)
     raise ValueError(f"assistant.kind={cfg.kind!r}: expected hf, openai or scripted")
+
+
+def with_system_prompt(assistant, system_prompt: str | None):
+    """The same assistant under another system prompt, its model shared (not loaded again): the
+    extrinsic evaluation's per-task-kind prompts. A scripted assistant has none: itself."""
+    if isinstance(assistant, ScriptedAssistant):
+        return assistant
+    clone = copy.copy(assistant)
+    clone.system_prompt = system_prompt
+    return clone
 
 
 def describe(cfg) -> dict:

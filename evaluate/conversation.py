@@ -13,12 +13,21 @@ A conversation ends with one of these end reasons:
     intent_too_long   at once: the intent alone does not fit in the user LM's context (`error`)
     user_ended        the user sent <|endconversation|> (allowed once `end_allowed_after` user turns
                       were sent); `end_turn` holds the guardrail metadata of that sample
+    user_error        the user's own request failed for good (an LLM playing the user over HTTP,
+                      evaluate.extrinsic.users): `user_error`, its `reason`
     assistant_error   the assistant's request failed for good (`assistant_error`, its `reason`)
     a stop rule's     the stop rule is called after every turn added (user or assistant) and ends
                       the conversation by returning an end reason: `max_user_turns` returns
                       max_turns; the extrinsic evaluation's rule grades the assistant's answer in
                       that call and returns task_solved
 A failed conversation is recorded and the others go on.
+
+The user is any object with `check_intent_fits(intent)` and `generate([TurnRequest]) -> [turn]`
+(evaluate.simulator.UserSimulator; the scripted and prompted users of evaluate.extrinsic.users).
+A turn has `text`, `ended`, `prompt_truncated`, `error` (None, or why the user failed for good, with
+`error_reason`) and `metadata()`: the keys recorded beside role and content. `on_replies`, when
+given, sees every round's answered conversations (their new assistant turn last) before the stop
+rule does: the extrinsic evaluation grades a round's replies together there.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from data_prep.chat_format import ASSISTANT, USER
 from evaluate.simulator import TurnRequest
 
-INTENT_TOO_LONG, USER_ENDED = "intent_too_long", "user_ended"
+INTENT_TOO_LONG, USER_ENDED, USER_ERROR = "intent_too_long", "user_ended", "user_error"
 ASSISTANT_ERROR, MAX_TURNS = "assistant_error", "max_turns"
 
 
@@ -49,6 +58,8 @@ class Conversation:
     error: str | None = None               # intent_too_long: why
     assistant_error: str | None = None     # assistant_error: the error and its short reason
     assistant_error_reason: str | None = None
+    user_error: str | None = None          # user_error: the error and its short reason
+    user_error_reason: str | None = None
 
     @property
     def user_turns(self) -> int:
@@ -82,7 +93,8 @@ def max_user_turns(limit: int, answered: bool = True) -> StopRule:
 
 
 def run_conversations(simulator, assistant: Assistant, items: Iterable[tuple[str, str | None]], stop: StopRule,
-                      end_allowed_after: int, pool_size: int) -> Iterator[Conversation]:
+                      end_allowed_after: int, pool_size: int,
+                      on_replies: Callable[[Sequence[Conversation]], None] | None = None) -> Iterator[Conversation]:
     """Converse for each (id, intent) of `items`, up to `pool_size` at once; yield each finished one."""
     queue = iter(items)
     active: list[Conversation] = []
@@ -99,31 +111,40 @@ def run_conversations(simulator, assistant: Assistant, items: Iterable[tuple[str
         if not active:
             return
         user_turns = simulator.generate([
-            TurnRequest(c.intent, c.messages(), allow_end=c.user_turns >= end_allowed_after) for c in active])
+            TurnRequest(c.intent, c.messages(), allow_end=c.user_turns >= end_allowed_after, conversation_id=c.id)
+            for c in active])
         waiting = []
         for conversation, turn in zip(active, user_turns):
             conversation.truncated_prompts += turn.prompt_truncated
+            if turn.error is not None:
+                conversation.end_reason = USER_ERROR
+                conversation.user_error, conversation.user_error_reason = turn.error, turn.error_reason
+                yield conversation
+                continue
             if turn.ended:
                 conversation.end_reason, conversation.end_turn = USER_ENDED, turn.guardrails.to_dict()
                 yield conversation
                 continue
-            conversation.turns.append({"role": USER, "content": turn.text, "tokens": turn.tokens,
-                                       "truncated": turn.truncated, "prompt_tokens": turn.prompt_tokens,
-                                       "guardrails": turn.guardrails.to_dict()})
+            conversation.turns.append({"role": USER, "content": turn.text, **turn.metadata()})
             if (reason := stop(conversation)) is not None:
                 conversation.end_reason = reason
                 yield conversation
                 continue
             waiting.append(conversation)
         replies = assistant.reply([c.messages() for c in waiting]) if waiting else []
-        active = []
         for conversation, reply in zip(waiting, replies):
+            if reply.text is not None:
+                conversation.turns.append({"role": ASSISTANT, "content": reply.text})
+        answered = [c for c, reply in zip(waiting, replies) if reply.text is not None]
+        if on_replies is not None and answered:
+            on_replies(answered)
+        active = []
+        for conversation, reply in zip(waiting, replies):   # in the round's order, failed or not
             if reply.text is None:
                 conversation.end_reason = ASSISTANT_ERROR
                 conversation.assistant_error, conversation.assistant_error_reason = reply.error, reply.reason
                 yield conversation
                 continue
-            conversation.turns.append({"role": ASSISTANT, "content": reply.text})
             if (reason := stop(conversation)) is not None:
                 conversation.end_reason = reason
                 yield conversation

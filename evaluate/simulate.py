@@ -53,6 +53,18 @@ def check_same_config(output_dir: Path, config_yaml: str) -> None:
                               "choose another output_dir, or delete it to start over")
 
 
+def resume_into(cfg, output_dir: Path) -> tuple:
+    """Start or resume a run that appends conversations to <output_dir>/transcripts.jsonl: its config
+    without `progress` (refused when the directory holds another config's run, then written to
+    config.yaml), the transcripts' path and their writer (a torn last line cut)."""
+    run_config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "progress"])
+    config_yaml = OmegaConf.to_yaml(run_config, resolve=True)
+    check_same_config(output_dir, config_yaml)
+    artifacts.write_text(output_dir / "config.yaml", config_yaml)
+    transcripts_path = output_dir / "transcripts.jsonl"
+    return run_config, transcripts_path, JsonlWriter(transcripts_path)
+
+
 def run(cfg) -> Path:
     """Simulate into `cfg.output_dir`, holding its lock: one simulation per output directory."""
     check_config_key_names(cfg)  # before the config is written anywhere
@@ -62,12 +74,7 @@ def run(cfg) -> Path:
 
 def simulate(cfg, output_dir: Path) -> Path:
     # ---- config and what is already done ---------------------------------------------------------
-    run_config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "progress"])
-    config_yaml = OmegaConf.to_yaml(run_config, resolve=True)
-    check_same_config(output_dir, config_yaml)
-    artifacts.write_text(output_dir / "config.yaml", config_yaml)
-    transcripts_path = output_dir / "transcripts.jsonl"
-    writer = JsonlWriter(transcripts_path)  # cuts a torn last line left by a killed run
+    run_config, transcripts_path, writer = resume_into(cfg, output_dir)
     done = {r["id"] for r in read_transcripts(transcripts_path)}
 
     # ---- intents -----------------------------------------------------------------------------

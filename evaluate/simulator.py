@@ -118,6 +118,7 @@ class TurnRequest:
     intent: str | None
     turns: Sequence[dict]
     allow_end: bool
+    conversation_id: str | None = None   # which conversation (users that keep state per conversation)
 
 
 @dataclass
@@ -130,6 +131,13 @@ class UserTurn:
     guardrails: TurnGuardrails = field(default_factory=TurnGuardrails)
     prompt_tokens: int = 0         # length of the prompt it was generated from
     prompt_truncated: bool = False  # that prompt was cut to the context (see the module docstring)
+    error: None = None             # a user LM never fails for good (evaluate.conversation reads it)
+    error_reason: None = None
+
+    def metadata(self) -> dict:
+        """What a transcript records of the turn beside its role and content."""
+        return {"tokens": self.tokens, "truncated": self.truncated, "prompt_tokens": self.prompt_tokens,
+                "guardrails": self.guardrails.to_dict()}
 
 
 @dataclass

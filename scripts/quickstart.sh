@@ -34,5 +34,12 @@ $py -m evaluate.perplexity -m experiment=tiny model=outputs/tiny/train/model nam
 #    conversations (diversity, intent decomposition, termination on the PRISM sample).
 $py -m evaluate.simulate experiment=tiny
 $py -m evaluate.intrinsic experiment=tiny
-# 7. The paper's perplexity and intrinsic tables with ours beside them: outputs/tiny/results/tables/.
+# 7. Extrinsic evaluation (~30 s): the trained tiny user LM reveals 4 of the embedded LiC-layout tasks
+#    (2 math, 2 code) to the random tiny model, twice each, rule grading; then the deterministic
+#    verbatim_shards user against a scripted assistant (asks once, then answers), the floor of the
+#    diversity metrics. -> outputs/tiny/results/extrinsic/<user>/{transcripts.jsonl,extrinsic.json}
+$py -m evaluate.extrinsic experiment=tiny
+$py -m evaluate.extrinsic experiment=tiny user.kind=verbatim_shards assistant.kind=scripted
+# 8. The paper's tables with ours beside them (perplexity, intrinsic, extrinsic, the data funnel):
+#    outputs/tiny/results/tables/.
 $py -m evaluate.table experiment=tiny

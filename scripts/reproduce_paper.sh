@@ -29,9 +29,22 @@ $py -m evaluate.perplexity -m experiment=paper model=meta-llama/Meta-Llama-3-8B-
     dataset=wildchat,prism intent=none,task
 
 # 4. Simulation with the paper's guardrails (UserLM-8b vs GPT-4o on 2,000 test intents), the six
-#    intrinsic metrics (GPT-4o judges; PRISM for termination), and both tables beside the paper's.
+#    intrinsic metrics (GPT-4o judges; PRISM for termination).
 $py -m evaluate.simulate experiment=paper
 $py -m evaluate.intrinsic experiment=paper simulation=outputs/paper/simulate/microsoft--UserLM-8b
 $py -m evaluate.simulate experiment=paper user_model.name_or_path=outputs/paper/train/model
 $py -m evaluate.intrinsic experiment=paper simulation=outputs/paper/simulate/outputs--paper--train--model
+
+# 5. Extrinsic evaluation (Table 3): 65 LiC tasks (33 math, 32 HumanEval code) x 10 conversations per
+#    user simulator, GPT-4o as the assistant, the grading judge and the metrics' judge. Per simulator
+#    650 conversations (README "Extrinsic evaluation": the cost). Pin the hub dataset by adding
+#    tasks.revision=<commit sha of microsoft/lost_in_conversation> to each command.
+$py -m evaluate.extrinsic experiment=paper
+$py -m evaluate.extrinsic experiment=paper user.kind=prompted_llm \
+    user.prompted_llm.client.model=gpt-4o-mini-2024-07-18 name=prompted_llm--gpt-4o-mini
+$py -m evaluate.extrinsic experiment=paper user.kind=prompted_llm \
+    user.prompted_llm.client.model=gpt-4o-2024-08-06 name=prompted_llm--gpt-4o
+$py -m evaluate.extrinsic experiment=paper user.user_lm.model.name_or_path=outputs/paper/train/model
+
+# 6. Every paper table: perplexity, intrinsic (Table 2), extrinsic (Table 3), the data funnel.
 $py -m evaluate.table experiment=paper

@@ -2,5 +2,7 @@
 to an assistant by a simulated user, graded, and scored.
 
 Modules: `tasks` (loading and selecting LiC tasks), `grading` (answer detection and extraction,
-GSM8K matching), `code_exec` (running a code answer against its tests in a separate process).
+GSM8K matching), `code_exec` (running a code answer against its tests in a separate process),
+`users` (the three simulated users), `run` (the runner and its outputs), `metrics` (every metric of
+extrinsic.json), `config` (the command's schema).
 """
