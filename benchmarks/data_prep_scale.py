@@ -2,12 +2,14 @@
 
     python benchmarks/data_prep_scale.py                  # N = 837,989 (WildChat-1M's row count)
     python benchmarks/data_prep_scale.py --rows 50000     # a quick run
+    python benchmarks/data_prep_scale.py --tokenizer tiny # the sample's 2k BPE instead of Llama-3's
 
 Generates N synthetic conversations in WildChat-1M's exact parquet schema (14 shards, like the
 hub's) with a realistic length distribution (user turns per conversation geometric with mean ~2.5,
 capped at 20; user turns lognormal around 20 words with a long tail of pastes; replies around 150
 words; 57% English; a few percent exact duplicates), an intent for each, then runs the whole
-`python -m data_prep` on them with the tiny tokenizer in a subprocess, sampling the RSS of its
+`python -m data_prep` on them in a subprocess with `--tokenizer` (default llama3: Meta-Llama-3-8B's
+real tokenizer, benchmarks/tokenizer_choice.py; tiny: the sample's 2k BPE), sampling the RSS of its
 whole process tree. The limit it is compared with is the raw batched throughput of the same
 tokenizer on the same text (all cores). Figures go to stdout and --json.
 Goals (2 cores, full N): <= 10 minutes, <= 6 GiB peak, end-to-end tokens/s >= 50% of raw. Peak
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.make_sample import SAMPLE_DIR, WildChatWriter  # noqa: E402
+from benchmarks import tokenizer_choice  # noqa: E402
 from scripts.make_tiny_assets import sample_texts  # noqa: E402
 
 LANGUAGES = [("English", 0.57), ("Chinese", 0.15), ("Russian", 0.12), ("French", 0.04), ("Spanish", 0.04),
@@ -48,11 +51,12 @@ def _words(rng: random.Random, vocabulary: list[str], median: float, sigma: floa
 
 
 def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], Path]:
-    """Write `shards` parquet files of synthetic WildChat rows and an intents JSONL."""
+    """Write `shards` parquet files of synthetic WildChat rows into out/shards/ (data_prep refuses a
+    folder mixing parquet and JSON Lines) and an intents JSONL into out/."""
     rng = random.Random(seed)
     vocabulary = sorted({w for text in sample_texts(SAMPLE_DIR) for w in text.split() if w.isascii() and "<|" not in w})
     names, weights = zip(*LANGUAGES)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
     files = []
     with open(out / "intents.jsonl", "w") as intents:
         for shard in range(shards):
@@ -75,7 +79,7 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
                 intents.write(json.dumps({"conversation_hash": row["conversation_hash"],
                                           "intent": "You are a user chatting with an assistant language "
                                                     "model to " + _words(rng, vocabulary, 10, 0.3, 20)}) + "\n")
-            path = out / f"train-{shard:05d}-of-{shards:05d}.parquet"
+            path = out / "shards" / f"train-{shard:05d}-of-{shards:05d}.parquet"
             pq.write_table(writer.table(), path, compression="zstd")
             files.append(path)
             print(f"  shard {shard + 1}/{shards}: {n} rows", flush=True)
@@ -142,34 +146,33 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=837_989)
     parser.add_argument("--shards", type=int, default=14)
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "data_prep_scale")
-    parser.add_argument("--tokenizer", type=Path, default=REPO / "outputs" / "tiny" / "tokenizer")
+    tokenizer_choice.add_tokenizer_argument(parser)
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--raw-fraction", type=float, default=1 / 14, help="share of shards timed for the raw rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "data_prep_scale.json")
     args = parser.parse_args()
-    if not (args.tokenizer / "tokenizer.json").exists():
-        raise SystemExit(f"{args.tokenizer}: run `python scripts/make_tiny_assets.py --out outputs/tiny` first")
+    tokenizer = tokenizer_choice.tokenizer_dir(args.tokenizer)
 
     input_dir = args.workdir / f"input-{args.rows}-{args.seed}"
     start = time.perf_counter()
-    if (input_dir / "intents.jsonl").exists():
-        files, intents = sorted(input_dir.glob("*.parquet")), input_dir / "intents.jsonl"
+    if (input_dir / "intents.jsonl").exists() and (input_dir / "shards").is_dir():
+        files, intents = sorted((input_dir / "shards").glob("*.parquet")), input_dir / "intents.jsonl"
     else:
         print(f"generating {args.rows} synthetic conversations in {args.shards} shards ...", flush=True)
         files, intents = generate(input_dir, args.rows, args.shards, args.seed)
     generate_seconds = time.perf_counter() - start
 
-    raw = raw_tokenizer_rate(files, args.tokenizer, args.raw_fraction)
+    raw = raw_tokenizer_rate(files, tokenizer, args.raw_fraction)
     print(f"raw tokenizer: {raw['tokens_per_s']:,.0f} tokens/s on {raw['tokens']:,} tokens", flush=True)
     input_tokens = raw["tokens"] / raw["fraction_of_input"] if raw["fraction_of_input"] < 1 else raw["tokens"]
 
     output_dir = args.workdir / "output"
-    prep = run_data_prep(input_dir, intents, args.tokenizer, output_dir, args.num_proc)
+    prep = run_data_prep(input_dir / "shards", intents, tokenizer, output_dir, args.num_proc)
     manifest = json.loads((output_dir / "manifest.json").read_text())
     examples_tokens = sum(s["tokens"] for s in manifest["token_statistics"].values())
     result = {
-        "rows": args.rows, "num_proc": args.num_proc, "cpu_count": os.cpu_count(),
+        "rows": args.rows, "tokenizer": args.tokenizer, "num_proc": args.num_proc, "cpu_count": os.cpu_count(),
         "generate_seconds": round(generate_seconds, 1),
         "data_prep_seconds": round(prep["seconds"], 1),
         "conversations_per_s": round(args.rows / prep["seconds"], 1),

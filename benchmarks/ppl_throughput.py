@@ -1,9 +1,14 @@
 """Perplexity throughput: per_turn (the paper's one sample per target) vs per_conversation.
 
-    python benchmarks/ppl_throughput.py                                   # tiny model, CPU
+    python benchmarks/ppl_throughput.py                                   # tiny model, Llama-3's tokenizer, CPU
+    python benchmarks/ppl_throughput.py --tokenizer tiny                  # the sample's 2k BPE instead
     python benchmarks/ppl_throughput.py --model random-1b --device cuda   # a Llama-3.2-1B-shaped random model, bf16
 
-Scores the same conversations (data_prep output, `--split`) both ways with evaluate.protocols and
+The data is data_prep's output of the embedded sample made with `--tokenizer` (llama3 by default:
+Meta-Llama-3-8B's real vocabulary, benchmarks/tokenizer_choice.py), or `--data-dir` (with its own
+tokenizer). The default model, random-tiny, is make_tiny_assets' random tiny Llama over that
+tokenizer's base vocabulary (no row for <|endconversation|>, as Llama-3-8B base: the end target
+is scored as plain text). Scores the same conversations (`--split`) both ways with evaluate.protocols and
 evaluate.scoring, and prints and writes (--out) per mode: examples, target tokens, forward tokens
 (real and padded), seconds, target tokens/s, and the perplexity (the two agree when nothing is
 truncated; a random model's perplexity is only a consistency check). Goal: per_conversation needs
@@ -22,10 +27,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from core import runtime
 from core.prepared import load_conversations
-from data_prep.chat_format import PAD_TOKEN
+from benchmarks.tokenizer_choice import add_tokenizer_argument, prepared_sample
+from data_prep.chat_format import END_CONVERSATION, PAD_TOKEN
 from evaluate.metrics import summary
 from evaluate.protocols import make_protocol
 from evaluate.scoring import score_examples
+from scripts.make_tiny_assets import build_model
 
 # Llama-3.2-1B's shape (its config.json), randomly initialised: the speed of a real 1B model.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -33,12 +40,26 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
                 max_position_embeddings=8192)
 
 
-def load_model(name: str, dtype: torch.dtype, device: str):
-    if name == "random-1b":
+def load_model(name: str, dtype: torch.dtype, device: str, tokenizer):
+    """random-1b, random-tiny (over `tokenizer`'s vocabulary before data_prep added
+    <|endconversation|>, its last token), or a model directory."""
+    if name in ("random-1b", "random-tiny"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype)
-        return model.to(device).eval()
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)) if name == "random-1b" else build_model(
+            tokenizer, hidden=64, layers=2, seed=0, vocab_size=tokenizer.convert_tokens_to_ids(END_CONVERSATION))
+        return model.to(dtype).to(device).eval()
     return runtime.load_causal_lm(name, dtype, device)
+
+
+def data_dir_and_tokenizer(args):
+    """--data-dir with its tokenizer, or the sample prepared with --tokenizer (default llama3)."""
+    if args.data_dir is not None:
+        if args.tokenizer is not None:
+            raise SystemExit("--data-dir brings its own tokenizer (<data dir>/tokenizer): drop --tokenizer")
+        data_dir = args.data_dir
+    else:
+        data_dir = prepared_sample(args.tokenizer or "llama3")
+    return data_dir, AutoTokenizer.from_pretrained(data_dir / "tokenizer")
 
 
 def synchronize(device: str) -> None:
@@ -48,32 +69,39 @@ def synchronize(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("outputs/tiny/data/wildchat"))
+    add_tokenizer_argument(parser, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None, help="a data_prep output (default: the sample, "
+                        "prepared with --tokenizer)")
     parser.add_argument("--split", default="train", help="the sample's train split: the most conversations")
-    parser.add_argument("--model", default="outputs/tiny/model", help="a model directory, or random-1b")
+    parser.add_argument("--model", default="random-tiny", help="a model directory, random-tiny or random-1b")
     parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu (core.runtime)")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (core.runtime)")
     parser.add_argument("--limit", type=int, default=None, help="first N conversations (a quick check)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None,
+                        help="padded tokens per forward pass (default: 16384 on a GPU, 4096 on CPU: the logits "
+                             "of 16384 tokens over Llama-3's vocabulary are 8 GiB in float32)")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/ppl_throughput-<model>-<device>.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/ppl_throughput-<model>-<tokenizer>-<device>.json")
     args = parser.parse_args()
     args.device = str(runtime.resolve_device(args.device))
     dtype = runtime.resolve_dtype(args.dtype, args.device)
 
-    conversations = load_conversations(args.data_dir, args.split, args.limit).to_list()
-    tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")
-    model = load_model(args.model, dtype, args.device)
+    if args.max_tokens_per_batch is None:
+        args.max_tokens_per_batch = 16384 if args.device.startswith("cuda") else 4096
+    data_dir, tokenizer = data_dir_and_tokenizer(args)
+    conversations = load_conversations(data_dir, args.split, args.limit).to_list()
+    model = load_model(args.model, dtype, args.device, tokenizer)
     in_vocabulary = tokenizer.convert_tokens_to_ids("<|endconversation|>") < model.get_input_embeddings().num_embeddings
     protocol = make_protocol("userlm", tokenizer, end_token="token" if in_vocabulary else "plain_text",
                              pad_token=PAD_TOKEN)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {parameters:,} parameters, {dtype} on {args.device}; {len(conversations)} conversations "
-          f"of {args.data_dir}/{args.split}; max_seq_len {args.max_seq_len}, {args.max_tokens_per_batch} tokens/batch")
+          f"of {data_dir}/{args.split} ({len(tokenizer)} tokens); max_seq_len {args.max_seq_len}, {args.max_tokens_per_batch} tokens/batch")
 
     report = {"model": args.model, "parameters": parameters, "device": args.device, "dtype": str(dtype),
-              "conversations": len(conversations), "max_seq_len": args.max_seq_len,
+              "data_dir": str(data_dir), "tokenizer_size": len(tokenizer), "conversations": len(conversations), "max_seq_len": args.max_seq_len,
               "max_tokens_per_batch": args.max_tokens_per_batch, "modes": {}}
     for mode in ("per_turn", "per_conversation"):
         examples = [e for c in conversations
@@ -99,7 +127,8 @@ def main() -> None:
     report["ppl_relative_difference"] = abs(conversation["ppl"] - turn["ppl"]) / turn["ppl"]
     print(f"per_conversation / per_turn forward tokens: {report['forward_token_ratio']} (goal <= 0.4); "
           f"speedup {report['speedup']}x; PPL relative difference {report['ppl_relative_difference']:.2e}")
-    out = args.out or Path("benchmarks/results") / f"ppl_throughput-{Path(args.model).name}-{args.device}.json"
+    tokenizer_name = "data" if args.data_dir is not None else Path(args.tokenizer or "llama3").name
+    out = args.out or Path("benchmarks/results") / f"ppl_throughput-{Path(args.model).name}-{tokenizer_name}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

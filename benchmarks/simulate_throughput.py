@@ -1,7 +1,12 @@
 """User-simulation throughput: conversations per minute, batched vs one conversation at a time.
 
-    python benchmarks/simulate_throughput.py                                   # tiny model, CPU
+    python benchmarks/simulate_throughput.py                                   # tiny model, Llama-3's tokenizer, CPU
+    python benchmarks/simulate_throughput.py --tokenizer tiny                  # the sample's 2k BPE instead
     python benchmarks/simulate_throughput.py --model random-1b --device cuda   # Llama-3.2-1B-shaped random model, bf16
+
+The intents and the tokenizer come from data_prep's output of the sample made with `--tokenizer`
+(llama3 by default: every step samples from Meta-Llama-3-8B's 128,257 logits), or `--data-dir`;
+the models are benchmarks/ppl_throughput.py's (random-tiny by default).
 
 The same conversations are simulated twice with evaluate.simulator: `--batch-size` conversations in
 flight (one generate call per round for all of them), then one at a time (batch size 1). The user
@@ -22,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from benchmarks.ppl_throughput import load_model, synchronize  # the same models as the perplexity benchmark
+from benchmarks.ppl_throughput import data_dir_and_tokenizer, load_model, synchronize  # the same models and data
+from benchmarks.tokenizer_choice import add_tokenizer_argument
 from core import runtime
 from core.prepared import load_conversations
 from data_prep.chat_format import PAD_TOKEN
@@ -53,9 +58,10 @@ def simulate(model, tokenizer, items, batch_size: int, turns: int, max_new_token
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("outputs/tiny/data/wildchat"),
-                        help="data_prep output: its tokenizer and its intents")
-    parser.add_argument("--model", default="outputs/tiny/model", help="a model directory, or random-1b")
+    add_tokenizer_argument(parser, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="data_prep output: its tokenizer and its intents (default: the sample, prepared with --tokenizer)")
+    parser.add_argument("--model", default="random-tiny", help="a model directory, random-tiny or random-1b")
     parser.add_argument("--device", default="auto", help="auto: cuda when present, else cpu (core.runtime)")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (core.runtime)")
     parser.add_argument("--conversations", type=int, default=32)
@@ -65,18 +71,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 avoids OpenMP stalls on a shared machine")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/results/simulate_throughput-<model>-<device>.json")
+                        help="default: benchmarks/results/simulate_throughput-<model>-<tokenizer>-<device>.json")
     args = parser.parse_args()
     args.device = str(runtime.resolve_device(args.device))
     dtype = runtime.resolve_dtype(args.dtype, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.data_dir / "tokenizer")
-    model = load_model(args.model, dtype, args.device)
+    data_dir, tokenizer = data_dir_and_tokenizer(args)
+    model = load_model(args.model, dtype, args.device, tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    intents = load_conversations(args.data_dir, "train")["intent"]
+    intents = load_conversations(data_dir, "train")["intent"]
     items = [{"id": str(i), "intent": intents[i % len(intents)]} for i in range(args.conversations)]
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {parameters:,} parameters, {dtype} on {args.device}; {len(items)} conversations x "
@@ -84,7 +90,7 @@ def main() -> None:
 
     simulate(model, tokenizer, items[:2], 2, 1, 4, args.device)  # warm-up
     report = {"model": args.model, "parameters": parameters, "device": args.device, "dtype": str(dtype),
-              "threads": torch.get_num_threads(),
+              "data_dir": str(data_dir), "tokenizer_size": len(tokenizer), "threads": torch.get_num_threads(),
               "turns": args.turns, "max_new_tokens": args.max_new_tokens, "runs": {}}
     for name, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
         report["runs"][name] = simulate(model, tokenizer, items, batch_size, args.turns, args.max_new_tokens,
@@ -92,7 +98,9 @@ def main() -> None:
         print(f"{name:>14}: {json.dumps(report['runs'][name])}")
     report["speedup"] = round(report["runs"]["one_at_a_time"]["seconds"] / report["runs"]["batched"]["seconds"], 2)
     print(f"batched (batch {args.batch_size}) / one at a time: {report['speedup']}x (goal >= 5x)")
-    out = args.out or Path("benchmarks/results") / f"simulate_throughput-{Path(args.model).name}-{args.device}.json"
+    tokenizer_name = "data" if args.data_dir is not None else Path(args.tokenizer or "llama3").name
+    out = args.out or (Path("benchmarks/results") /
+                       f"simulate_throughput-{Path(args.model).name}-{tokenizer_name}-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

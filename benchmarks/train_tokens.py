@@ -2,9 +2,11 @@
 
     python benchmarks/train_tokens.py                           # the embedded sample (seconds)
     python benchmarks/train_tokens.py --wildchat-rows 20000     # synthetic WildChat-scale rows (minutes)
+    python benchmarks/train_tokens.py --tokenizer tiny          # the sample's 2k BPE instead of Llama-3's
 
-Runs data_prep twice on the same conversations (flip.mode=per_turn and per_conversation, the tiny
-BPE tokenizer unless --tokenizer is given), then counts, for the train split, the tokens a model
+Runs data_prep twice on the same conversations (flip.mode=per_turn and per_conversation, with
+`--tokenizer`: llama3 by default, Meta-Llama-3-8B's real tokenizer, benchmarks/tokenizer_choice.py;
+or tiny, the sample's BPE), then counts, for the train split, the tokens a model
 processes in one epoch under train/run.py's batching:
     per_turn padded to max_seq_len   every sample a fixed-length row (as the paper's samples)
     per_turn, dynamic padding        one sample per row, rows padded to the longest of a micro batch
@@ -27,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.tokenizer_choice import add_tokenizer_argument, tokenizer_dir  # noqa: E402
 from data_prep.pipeline import run as run_data_prep  # noqa: E402
 from scripts.hydra_compose import compose_config  # noqa: E402
 from scripts.make_tiny_assets import SAMPLE_DIR as SAMPLE  # noqa: E402
@@ -58,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wildchat-rows", type=int, default=None,
                         help="generate this many synthetic WildChat rows (scripts/make_sample.py) instead of the sample")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="a Llama-3-style tokenizer (default: tiny BPE)")
+    add_tokenizer_argument(parser)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=1024)
@@ -72,11 +75,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "scripts/make_sample.py"), "--out", str(work / "sample"),
                             "--wildchat-rows", str(args.wildchat_rows)], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
             source, intents = work / "sample/wildchat.parquet", work / "sample/intents.jsonl"
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            from scripts.make_tiny_assets import build_tokenizer, sample_texts
-            tokenizer = work / "tokenizer"
-            build_tokenizer(sample_texts(SAMPLE), vocab_size=2048).save_pretrained(tokenizer)
+        tokenizer = tokenizer_dir(args.tokenizer)
         data = {mode: prepare(source, intents, tokenizer, mode, args.max_seq_len, work / mode)
                 for mode in ("per_turn", "per_conversation")}
         batching = (args.micro_batch_size, args.global_batch_size)
@@ -95,7 +94,7 @@ def main() -> None:
     if len({v["target_tokens"] for v in layouts.values()}) != 1:
         print("note: target tokens differ between layouts (windows cut differently at max_seq_len)")
     print(f"source: {'synthetic ' + str(args.wildchat_rows) + ' rows' if args.wildchat_rows else 'embedded sample'}; "
-          f"max_seq_len {args.max_seq_len}; train split; processed tokens, and as a fraction of per_turn's")
+          f"tokenizer {args.tokenizer}; max_seq_len {args.max_seq_len}; train split; processed tokens, and as a fraction of per_turn's")
     print(f"{'layout':32} {'examples':>9} {'rows':>7} {'processed':>11} {'x padded':>9} {'x dynamic':>9} "
           f"{'x unpadded':>10} {'efficiency':>10} {'targets':>9}")
     for name, v in layouts.items():
@@ -109,7 +108,8 @@ def main() -> None:
     print("goal (per_conversation packed <= 0.4x per_turn with dynamic padding, efficiency >= 98%): "
           f"{'met' if goal else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"wildchat_rows": args.wildchat_rows, "max_seq_len": args.max_seq_len,
+    args.out.write_text(json.dumps({"wildchat_rows": args.wildchat_rows, "tokenizer": args.tokenizer,
+                                    "max_seq_len": args.max_seq_len,
                                     "layouts": layouts, "goal_met": goal}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -56,6 +56,7 @@ CONFIG_ERROR_STATUS = {401, 403, 404}
 CHARS_PER_TOKEN = 4  # estimate of prompt tokens before the server reports usage (rate limiting only)
 READ_CHUNK_BYTES = 1 << 16
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+VERDICT = re.compile(r"^\W*(YES|NO)\b", re.IGNORECASE)   # a judge's reply: YES or NO first
 REDACTED = "<api key>"
 
 
@@ -429,3 +430,10 @@ async def bounded_map(fn, items: Sequence, concurrency: int) -> AsyncIterator[tu
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+
+
+def parse_verdict(text: str) -> bool | None:
+    """A YES/NO judge's reply: YES -> True, NO -> False, anything else (a malformed reply) -> None.
+    Every judge asked through this client (evaluate.judges, evaluate.extrinsic.metrics) reads it so."""
+    match = VERDICT.match(text)
+    return None if match is None else match.group(1).upper() == "YES"

@@ -2,7 +2,7 @@
 
 data_prep, train and evaluate all import this module; nothing else spells out the format.
 
-The format (shared/reference/userlm-paper.md, section 3):
+The format (UserLM-8b's published chat template; docs/reproduction.md, section 3):
 - no BOS token;
 - each message is  <|start_header_id|>ROLE<|end_header_id|> + "\\n" + content + <|eot_id|>,
   with the real roles: system (the task intent), user, assistant;
@@ -21,9 +21,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
+from pathlib import Path
 from typing import Callable, Sequence
 
 from tokenizers import AddedToken
+
+from core import artifacts
 
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
@@ -101,6 +104,52 @@ def prepare_tokenizer(tokenizer, pad_token: str):
     tokenizer.eos_token = EOT
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """Write a (fast) tokenizer into `directory` so that transformers 4.x and 5.x load the same one.
+
+    transformers 5's own save_pretrained writes `"tokenizer_class": "TokenizersBackend"`, a class
+    4.x does not have ("Tokenizer class TokenizersBackend does not exist"), omits the added tokens'
+    table and adds machine-dependent keys (`is_local`, `local_files_only`). UserLM-8b was written by
+    transformers 4.52, and vLLM and many users load with 4.x, so every tokenizer the pipeline
+    saves (data_prep's `tokenizer/`, train's `model/`) is written here instead, in 4.x's layout:
+    - tokenizer.json: the tokenizers model itself (read alike by tokenizers 0.22 and 0.23);
+    - tokenizer_config.json: `PreTrainedTokenizerFast` (5.x's alias of its backend class), the
+      added tokens by id as 4.x writes them, the special tokens, `model_max_length`, the chat
+      template, and `clean_up_tokenization_spaces: false` (5.x never cleans up a BPE's decoded
+      spaces; 4.x would if a base tokenizer said true, so the two would decode differently);
+    - special_tokens_map.json, which 4.x reads;
+    - chat_template.jinja, the same template: 4.x before 4.47 reads only the config's
+      `chat_template`; later 4.x and 5.x prefer the file; either way the same template renders.
+    Only these files and keys are written, sorted, so the same tokenizer gives the same bytes on
+    every machine and rerun (and a tokenizer loaded back from them saves to the same bytes).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: save_tokenizer writes "
+                        "tokenizer.json only")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(directory / "tokenizer.json", tokenizer.backend_tokenizer.to_str(pretty=True))
+    special = {name: str(token) for name, token in tokenizer.special_tokens_map.items()
+               if name != "additional_special_tokens"}
+    additional = [str(token) for token in getattr(tokenizer, "extra_special_tokens", None) or []]
+    if additional:
+        special["additional_special_tokens"] = additional
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {str(i): token.__getstate__() for i, token in tokenizer.added_tokens_decoder.items()},
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": tokenizer.model_max_length,
+        **special,
+    }
+    if tokenizer.chat_template is not None:
+        if not isinstance(tokenizer.chat_template, str):
+            raise TypeError("save_tokenizer writes one chat template; this tokenizer has several")
+        config["chat_template"] = tokenizer.chat_template
+        artifacts.write_text(directory / "chat_template.jinja", tokenizer.chat_template)
+    artifacts.write_json(directory / "tokenizer_config.json", config)
+    artifacts.write_json(directory / "special_tokens_map.json", special)
 
 
 def conversation_messages(intent: str | None, turns: Sequence[dict], ended: bool) -> list[dict]:

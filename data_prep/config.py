@@ -68,6 +68,7 @@ class DataConfig:
     revision: Optional[str] = None    # hub revision (commit sha, tag or branch)
     hub_config: Optional[str] = None  # hub dataset configuration (PRISM: conversations)
     sample: str = MISSING             # the embedded sample of this dataset (experiment=tiny reads it)
+    sample_intents: str = MISSING     # ... and its hand-written intents
     limit: Optional[int] = None       # read only the first N rows (quick runs); N >= 1, null: all
 
 

@@ -14,7 +14,8 @@ Outputs in `output_dir`, written atomically (a COMPLETED marker last), under a l
 anything else, except a folder that holds an input of the run):
     train/ validation/ test/   examples: conversation_hash, input_ids, labels, ... (save_to_disk)
     conversations/<split>/     the same conversations as text with their intent (for evaluation)
-    tokenizer/                 the tokenizer the examples were made with (chat template installed)
+    tokenizer/                 the tokenizer the examples were made with (chat template installed), in the
+                               layout transformers 4.x and 5.x both load (chat_format.save_tokenizer)
     funnel.json  manifest.json  config.yaml  examples.txt  dropped.jsonl
 """
 
@@ -39,7 +40,7 @@ import data_prep.examples
 import data_prep.sources.messages
 from core import artifacts
 from data_prep import sources
-from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer
+from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer, save_tokenizer
 from data_prep.conversations import RECORD_FEATURES
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
@@ -202,7 +203,7 @@ def prepare(cfg) -> Path:
         datasets.DatasetDict({s: ds for s, ds in examples.items() if len(ds)}).save_to_disk(str(tmp))
         datasets.DatasetDict({s: ds for s, ds in conversations.items() if len(ds)}).save_to_disk(
             str(tmp / "conversations"))
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_tokenizer(tokenizer, tmp / "tokenizer")
         artifacts.write_json(tmp / "funnel.json", funnel.to_dict())
         artifacts.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         artifacts.write_json(tmp / "manifest.json", {

@@ -1,4 +1,5 @@
-"""Arrow schemas of the datasets we read (shared/reference/datasets.md), and their validation.
+"""Arrow schemas of the datasets we read (WildChat-1M's parquet columns as its hub release has
+them), and their validation.
 
 The sample generator writes WildChat rows with `WILDCHAT_SCHEMA`; the loader checks every input
 file against the columns it reads, so a missing column or a wrong type fails with the file and

@@ -113,11 +113,25 @@ class IntrinsicTableConfig:
 
 
 @dataclass
+class ExtrinsicTableConfig:
+    results_dir: str = MISSING                # evaluate.extrinsic's output_dir
+    paper_rows: dict[str, str] = MISSING      # result name -> the paper's row it reproduces
+
+
+@dataclass
+class FunnelTableConfig:
+    files: dict[str, str] = MISSING           # result name -> data_prep's funnel.json (absent files: left out)
+    paper_rows: dict[str, str] = MISSING      # result name -> the paper's row it reproduces
+
+
+@dataclass
 class TableConfig:
     tables: list[str] = MISSING               # each is evaluate/tables/<name>.py, configured by <name>
     output_dir: str = MISSING
     perplexity: PerplexityTableConfig = field(default_factory=PerplexityTableConfig)
     intrinsic: IntrinsicTableConfig = field(default_factory=IntrinsicTableConfig)
+    extrinsic: ExtrinsicTableConfig = field(default_factory=ExtrinsicTableConfig)
+    funnel: FunnelTableConfig = field(default_factory=FunnelTableConfig)
 
 
 ConfigStore.instance().store(name="perplexity_schema", node=PerplexityConfig)

@@ -1,4 +1,5 @@
-"""The paper's four generation guardrails for user simulation (Appendix D.1; reference section 8).
+"""The paper's four generation guardrails for user simulation (its Appendix D.1; what it states and
+what we chose: docs/reproduction.md, section 8).
 
 1. first_word       forbid an assistant-like first word ("I", "You", "Here": config) by logits processing
 2. end_conversation forbid <|endconversation|> until the caller allows the user to end

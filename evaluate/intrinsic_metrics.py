@@ -1,5 +1,6 @@
-"""The paper's six intrinsic metrics of user simulators (Section 3; reference section 6), one
-function each. All return percentages (0-100), as the paper reports them.
+"""The paper's six intrinsic metrics of user simulators (its Section 3; what it states and what we
+chose: docs/reproduction.md, section 6), one function each. All return percentages (0-100), as
+the paper reports them.
 
     first_turn_diversity     distinct 1-grams and 100 x (1 - mean pairwise Jaccard) of first turns
     intent_decomposition     1-gram overlap of user turns with their intent, stopwords removed
@@ -17,7 +18,6 @@ the function, and the table notes say that the paper's numbers may be computed d
 from __future__ import annotations
 
 import itertools
-import re
 from typing import Sequence
 
 import numpy as np
@@ -25,28 +25,7 @@ import torch
 
 from core.runtime import length_batches, right_padded
 from evaluate.guardrails import intent_body
-
-WORD = re.compile(r"\w+(?:'\w+)?")
-# NLTK's English stopwords, apostrophes dropped (the intent's fixed opening is removed separately).
-STOPWORDS = frozenset("""
-a about above after again against ain all am an and any are aren as at be because been before being below
-between both but by can couldn d did didn do does doesn doing don down during each few for from further
-had hadn has hasn have haven having he her here hers herself him himself his how i if in into is isn it
-its itself just ll m ma me mightn more most mustn my myself needn no nor not now o of off on once only or
-other our ours ourselves out over own re s same shan she should shouldn so some such t than that the their
-theirs them themselves then there these they this those through to too under until up ve very was wasn we
-were weren what when where which while who whom why will with won wouldn y you your yours yourself
-yourselves""".split())
-
-
-def unigrams(text: str) -> list[str]:
-    """Lowercased word tokens ("don't" is one token)."""
-    return WORD.findall(text.lower())
-
-
-def content_words(text: str) -> set[str]:
-    """The set of a text's unigrams that are not stopwords (apostrophes dropped: "don't" -> "dont")."""
-    return {w.replace("'", "") for w in unigrams(text)} - STOPWORDS
+from evaluate.lexical import content_words, unigrams
 
 
 # ---- 1. first-turn diversity ---------------------------------------------------------------------

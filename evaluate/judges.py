@@ -21,13 +21,12 @@ JSONL/JSON/Parquet file in the same schema.
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 
-from core.llm_client import LLMClient, RequestFailed
+from core.llm_client import LLMClient, RequestFailed, parse_verdict
 from evaluate.conversation import ASSISTANT_ERROR, INTENT_TOO_LONG, USER_ENDED, max_user_turns, run_conversations
 from evaluate.simulator import UserSimulator
 
@@ -35,7 +34,6 @@ SCHEMAS = {  # item kind -> fields every row must have
     "commonsense_qa": ("id", "question", "choices", "answerKey"),
     "nq_open": ("question", "answer"),
 }
-VERDICT = re.compile(r"^\W*(YES|NO)\b", re.IGNORECASE)
 
 
 def load_items(kind: str, source: str, split: str, revision: str | None, limit: int | None) -> list[dict]:
@@ -64,12 +62,6 @@ def load_items(kind: str, source: str, split: str, revision: str | None, limit: 
         else:
             items.append({"id": str(number), "question": row["question"], "answer": row["answer"][0]})
     return items
-
-
-def parse_verdict(text: str) -> bool | None:
-    """YES -> True, NO -> False, anything else -> None."""
-    match = VERDICT.match(text)
-    return None if match is None else match.group(1).upper() == "YES"
 
 
 def converse(simulator: UserSimulator, assistant, items: Sequence[dict], intent_template: str,

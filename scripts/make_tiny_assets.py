@@ -67,9 +67,10 @@ def build_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
                                    model_max_length=8192)
 
 
-def build_model(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+def build_model(tokenizer, hidden: int, layers: int, seed: int, vocab_size: int | None = None) -> LlamaForCausalLM:
+    """A random Llama over `tokenizer` (`vocab_size` embedding rows; default: the tokenizer's size)."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
         bos_token_id=tokenizer.convert_tokens_to_ids(BEGIN_OF_TEXT),

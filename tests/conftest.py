@@ -47,7 +47,7 @@ def tiny_tokenizer(tiny_assets):
 
 def data_prep_overrides(tiny_assets: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["experiment=tiny", f"tokenizer.name_or_path={tiny_assets / 'tokenizer'}",
-            f"output_dir={output_dir}", f"intents.path={SAMPLE / 'intents.jsonl'}", "num_proc=1", *extra]
+            f"output_dir={output_dir}", "num_proc=1", *extra]   # intents: the dataset's sample_intents
 
 
 def run_data_prep(tiny_assets: Path, output_dir: Path, *extra: str) -> Path:

@@ -1,11 +1,12 @@
 """The chat format: our token assembly equals the tokenizer's chat template, and masks hit user turns only."""
 
+import json
 import random
 
 import pytest
 
-from data_prep.chat_format import (END_CONVERSATION, EOT, IGNORE_INDEX, ChatEncoder, conversation_messages,
-                                   prepare_tokenizer)
+from data_prep.chat_format import (CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX, PAD_TOKEN, ChatEncoder,
+                                   conversation_messages, prepare_tokenizer, save_tokenizer)
 
 INTENT = "You are a user chatting with an assistant language model to plan a trip to Peru."
 TURNS = [
@@ -182,3 +183,37 @@ def test_a_first_turn_without_intent_prompts_with_the_user_header_alone(tiny_tok
     encoder = ChatEncoder(tiny_tokenizer)
     assert encoder.prompt_ids([]) == encoder.header_ids["user"]
     assert encoder.prompt_ids_within([], 64) == (encoder.header_ids["user"], False)
+
+
+def test_saved_tokenizer_has_transformers4_layout_and_the_same_bytes_every_time(tiny_tokenizer, tmp_path):
+    """save_tokenizer: 4.x's tokenizer class and added-token table, no machine-dependent keys, the
+    template in both places; rerun and round trip through from_pretrained give the same bytes."""
+    from transformers import AutoTokenizer
+    save_tokenizer(tiny_tokenizer, tmp_path / "first")
+    files = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert files == ["chat_template.jinja", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((tmp_path / "first" / "tokenizer_config.json").read_text())
+    assert sorted(config) == ["added_tokens_decoder", "bos_token", "chat_template", "clean_up_tokenization_spaces",
+                              "eos_token", "model_max_length", "pad_token", "tokenizer_class"]
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["clean_up_tokenization_spaces"] is False
+    # The tiny tokenizer's 10 Llama-3 special tokens (ids 1962-1971), then <|endconversation|> (not special).
+    table = config["added_tokens_decoder"]
+    assert sorted(table, key=int) == [str(i) for i in range(1962, 1973)]
+    assert table["1971"] == {"content": EOT, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True}
+    assert table["1972"] == dict(table["1971"], content=END_CONVERSATION, special=False)
+    special = {"bos_token": "<|begin_of_text|>", "eos_token": EOT, "pad_token": PAD_TOKEN}
+    assert {k: config[k] for k in special} == special
+    assert json.loads((tmp_path / "first" / "special_tokens_map.json").read_text()) == special
+    assert config["chat_template"] == (tmp_path / "first" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+    save_tokenizer(tiny_tokenizer, tmp_path / "again")
+    # Meta-Llama-3-8B's config says clean_up_tokenization_spaces: true, which 4.x applies and 5.x
+    # ignores for a BPE ("a ." decodes as "a." under 4.x only): it is always written false.
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "first", clean_up_tokenization_spaces=True)
+    save_tokenizer(reloaded, tmp_path / "round_trip")
+    for name in files:
+        first = (tmp_path / "first" / name).read_bytes()
+        assert (tmp_path / "again" / name).read_bytes() == first == (tmp_path / "round_trip" / name).read_bytes(), name
+    messages = conversation_messages(INTENT, TURNS, ended=True)
+    assert reloaded.apply_chat_template(messages, return_dict=False) == ChatEncoder(tiny_tokenizer).prompt_ids(messages)

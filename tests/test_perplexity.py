@@ -139,7 +139,8 @@ def test_presets_compose():
     assert preset_changes("perplexity", "paper", ["model=m"]) == {
         "data_dirs.wildchat": "outputs/paper/data/wildchat", "data_dirs.prism": "outputs/paper/data/prism"}
     for preset in ("tiny", "paper"):
-        assert compose_config("table", [f"experiment={preset}"]).tables == ["perplexity", "intrinsic"]
+        assert compose_config("table", [f"experiment={preset}"]).tables == ["perplexity", "intrinsic", "extrinsic",
+                                                                            "funnel"]
     with pytest.raises(Exception, match="no_such_key"):
         compose_config("perplexity", ["model=m", "no_such_key=1"])
 

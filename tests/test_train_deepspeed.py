@@ -40,7 +40,8 @@ def launch(output_dir: Path, overrides: list[str]) -> str:
 
 
 def assert_real_deepspeed(log: str, output_dir: Path) -> None:
-    """The traps of cpu-stack.md run something else silently: check what actually ran."""
+    """Accelerate's CPU traps (conf/accelerate/cpu.yaml) run something else silently: check what
+    actually ran."""
     assert "run: 2 processes, backend gloo, DeepSpeed engine ZeRO stage 3, float32" in log
     setup = json.loads((output_dir / "run_info.json").read_text())["setup"]
     assert (setup["processes"], setup["backend"], setup["deepspeed_zero_stage"]) == (2, "gloo", 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -15,7 +16,8 @@ import train.config  # noqa: F401  (registers the train schema)
 from data_prep.chat_format import END_CONVERSATION, EOT, IGNORE_INDEX
 from tests.conftest import REPO, compose_config
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows, pack
-from train.model import check_tokenizer_matches_model, load_model, load_tokenizer, token_losses
+from train.model import (add_transformers4_rope_keys, check_tokenizer_matches_model, load_model, load_tokenizer,
+                         save_model, token_losses)
 from train.optim import deepspeed_config, warmup_cosine
 
 
@@ -144,6 +146,27 @@ def test_tokenizer_that_disagrees_with_the_model_is_refused(tiny_assets, tiny_da
     check_tokenizer_matches_model(tokenizer, model_cfg(tiny_assets))  # the same tokenizer: fine
     with pytest.raises(ValueError, match="does not match model"):
         check_tokenizer_matches_model(tokenizer, model_cfg(tmp_path))
+
+
+def test_export_config_carries_the_rope_keys_transformers4_reads(tiny_assets, tiny_data, tmp_path):
+    """transformers 5 writes only rope_parameters; 4.x would silently run Llama-3 with rope_theta 10,000.
+    (tests/test_checkpoint_compat.py runs the export under 4.57.6 itself.)"""
+    from transformers import AutoConfig, LlamaConfig
+    tokenizer = load_tokenizer(tiny_data)
+    model = load_model(model_cfg(tiny_assets), tokenizer, torch.float32, "sdpa")
+    save_model(model, model.state_dict(), tokenizer, compose_config("train", ["experiment=tiny"]).generation, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["rope_theta"], config["rope_scaling"]) == (500000.0, None)
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == {"rope_theta": 500000.0, "rope_type": "default"}
+    # Llama 3.1's scaled RoPE: 4.x's rope_scaling is the same settings less rope_theta; 5.x reads them back.
+    llama31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    LlamaConfig(rope_parameters=dict(llama31), max_position_embeddings=131072).save_pretrained(tmp_path / "scaled")
+    add_transformers4_rope_keys(tmp_path / "scaled" / "config.json")
+    config = json.loads((tmp_path / "scaled" / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0
+    assert config["rope_scaling"] == {k: v for k, v in llama31.items() if k != "rope_theta"}
+    assert AutoConfig.from_pretrained(tmp_path / "scaled").rope_parameters == llama31
 
 
 def test_warmup_then_cosine():

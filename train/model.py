@@ -26,8 +26,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils.generic import is_flash_attention_requested
 
-from core import runtime
-from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX
+from core import artifacts, runtime
+from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ EXPORT_SHARD_SIZE = "5GB"  # an 8B exports as 4 safetensors shards + index (not 
 
 def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Path) -> int:
     """Write complete HF safetensors (in shards of EXPORT_SHARD_SIZE), tokenizer (chat template)
-    and configs into `directory`.
+    and configs into `directory`, loadable by transformers 4.x and 5.x alike (the tokenizer by
+    data_prep.chat_format.save_tokenizer, config.json by add_transformers4_rope_keys).
 
     `state_dict` is the full one (accelerator.get_state_dict gathers it from ZeRO-3 partitions);
     the count of parameters written is checked against the model's own, so a partitioned stub can
@@ -273,12 +274,37 @@ def save_model(model, state_dict: dict, tokenizer, generation_cfg, directory: Pa
     model.config.use_cache = True
     model.generation_config = generation_config(model, tokenizer, generation_cfg)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, max_shard_size=EXPORT_SHARD_SIZE)
-    tokenizer.save_pretrained(directory)
+    add_transformers4_rope_keys(directory / "config.json")
+    save_tokenizer(tokenizer, directory)
     expected = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     written = count_saved_parameters(directory)
     if written != expected:
         raise RuntimeError(f"exported {written} parameters to {directory}, the model has {expected}: incomplete export")
     return written
+
+
+def add_transformers4_rope_keys(config_file: Path) -> None:
+    """Add to a config.json written by transformers 5 the RoPE keys transformers 4 reads.
+
+    transformers 5 writes RoPE's settings only as `rope_parameters` (`rope_theta` inside it), a key
+    4.x does not read: 4.x would build Llama-3's rotary embedding with its default base 10,000
+    instead of 500,000, and the model would load without a warning and compute something else.
+    4.x reads `rope_theta`, and `rope_scaling` (null for plain RoPE; else the scaling settings,
+    such as Llama 3.1's `llama3` type). 5.x reads both back to the same `rope_parameters`.
+    Per-layer-type RoPE (a nested `rope_parameters`, e.g. Gemma 3) has no 4.x form here: it is
+    left as 5.x wrote it, with a warning.
+    """
+    config = json.loads(config_file.read_text())
+    rope = config.get("rope_parameters")
+    if not rope:
+        return
+    if "rope_theta" not in rope:
+        log.warning("%s: rope_parameters %s are per layer type; transformers 4.x may not read them", config_file, rope)
+        return
+    scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    artifacts.write_json(config_file, config)
 
 
 def count_saved_parameters(directory: Path) -> int:
@@ -306,7 +332,7 @@ one-sentence task intent in the system prompt (the recipe of UserLM-8b, "Flippin
 arXiv 2510.06552), trained with userlm-pipeline's `train/run.py`. It writes the next user turn;
 `{END_CONVERSATION}` means the user ends the conversation.
 
-## Use (UserLM-8b's published snippet; `return_dict=False` is needed since transformers 5)
+## Use (UserLM-8b's published snippet: it runs alike under transformers 4.x and 5.x; `return_dict=False` is needed since 5)
 ```python
 from transformers import AutoTokenizer, AutoModelForCausalLM
 

@@ -21,7 +21,8 @@ by rank 0 only):
     .userlm-stage (marks the folder as train's)  config.yaml  run_info.json  metrics.jsonl  wandb/
     checkpoints/step_XXXXXXXX/
     model/       safetensors, config.json, generation_config.json (EOS <|eot_id|>), tokenizer files
-                 with the chat template, README.md (model card: config, data manifest, metrics)
+                 with the chat template, README.md (model card: config, data manifest, metrics);
+                 loadable by transformers 4.x and 5.x alike (scripts/checkpoint_compat.py checks it)
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ class Table:
     cells: dict[tuple[str, str], Cell]   # (row, column) -> cell; absent: neither number exists
     log_scale: bool = False          # plot on a log axis (perplexities span orders of magnitude)
     notes: list[str] = field(default_factory=list)
+    number_format: str = ".2f"       # Markdown's numbers (format spec; counts: ",.0f")
+    row_label: str = "model"         # the Markdown header of the rows' column
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
@@ -48,7 +50,8 @@ class Table:
 
 def beside_paper(cfg, name: str, title: str, columns: Iterable[str], paper: dict[str, dict[str, float]],
                  result_names: Iterable[str], ours: Callable[[str], tuple[dict[str, Cell], str]],
-                 notes: Iterable[str], log_scale: bool = False) -> Table:
+                 notes: Iterable[str], log_scale: bool = False, number_format: str = ".2f",
+                 row_label: str = "model") -> Table:
     """Our results beside the paper's numbers. Rows: the paper's (`paper`: row -> column -> its
     number, in its order), then each result name that `cfg.paper_rows` (result name -> the paper
     row it reproduces) does not map. `ours(result name)` -> (its cells by column: ours, ci, source;
@@ -68,31 +71,32 @@ def beside_paper(cfg, name: str, title: str, columns: Iterable[str], paper: dict
         table_notes.append(f"{label[result]}: {note}")
     return Table(name=name, title=title, columns=list(columns),
                  rows=list(paper) + [result for result in names if result not in cfg.paper_rows], cells=cells,
-                 log_scale=log_scale, notes=table_notes + list(notes))
+                 log_scale=log_scale, notes=table_notes + list(notes), number_format=number_format,
+                 row_label=row_label)
 
 
-def _number(value: float | None, signed: bool = False) -> str:
+def _number(value: float | None, spec: str, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
+    return format(value, ("+" if signed else "") + spec)
 
 
 def to_markdown(table: Table) -> str:
     lines = [f"## {table.title}", "", "Each cell: ours (paper, ours - paper); (paper X): not measured by us; -: neither.", "",
-             "| model | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+             f"| {table.row_label} | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
     for row in table.rows:
         cells = [table.cell(row, column) for column in table.columns]
-        lines.append(f"| {row} | " + " | ".join(map(_markdown_cell, cells)) + " |")
+        lines.append(f"| {row} | " + " | ".join(_markdown_cell(c, table.number_format) for c in cells) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
-def _markdown_cell(cell: Cell) -> str:
+def _markdown_cell(cell: Cell, spec: str) -> str:
     if cell.ours is None:
-        return "-" if cell.paper is None else f"(paper {_number(cell.paper)})"
+        return "-" if cell.paper is None else f"(paper {_number(cell.paper, spec)})"
     if cell.paper is None:
-        return _number(cell.ours)
-    return f"{_number(cell.ours)} ({_number(cell.paper)}, {_number(cell.difference, signed=True)})"
+        return _number(cell.ours, spec)
+    return f"{_number(cell.ours, spec)} ({_number(cell.paper, spec)}, {_number(cell.difference, spec, signed=True)})"
 
 
 def to_csv(table: Table) -> str:

@@ -1,4 +1,4 @@
-"""The paper's intrinsic-metrics table (Table 2; shared/reference/userlm-paper.md, section 6) beside ours.
+"""The paper's intrinsic-metrics table (Table 2) beside ours; its numbers: paper_numbers.py's INTRINSIC.
 
 Rows: the paper's rows we know numbers for (UserLM-8b, the prompted Llama3-8b-Instruct, human), then
 any other result. Columns: evaluate.intrinsic's metrics (its METRICS registry), in the paper's order.
@@ -13,14 +13,7 @@ from pathlib import Path
 
 from evaluate.intrinsic import METRICS
 from evaluate.tables import Cell, Table, beside_paper
-
-PAPER = {  # the paper's numbers we know, by evaluate.intrinsic's metric (absent: not reported)
-    "UserLM-8b": {"first_turn_diversity": 94.55, "intent_decomposition": 2.69, "dialogue_termination": 63.54,
-                  "naturalness": 80.21, "role_adherence": 93.95, "intent_adherence": 94.65},
-    "Llama3-8b-Instruct": {"first_turn_diversity": 81.31, "intent_decomposition": 23.95, "dialogue_termination": 3.51,
-                           "naturalness": 0.20, "role_adherence": 63.25, "intent_adherence": 78.05},
-    "Human": {"first_turn_diversity": 94.01, "intent_decomposition": 1.68, "naturalness": 90.15},
-}
+from evaluate.tables.paper_numbers import INTRINSIC
 
 
 def build(cfg) -> Table:
@@ -34,7 +27,7 @@ def build(cfg) -> Table:
                 for metric, result in metrics.items() if result["value"] is not None}, str(path)
 
     paper = {row: {METRICS[metric].column: number for metric, number in numbers.items()}
-             for row, numbers in PAPER.items()}
+             for row, numbers in INTRINSIC.items()}
     return beside_paper(
         cfg, "intrinsic", "Intrinsic evaluation of user simulators (%)", [m.column for m in METRICS.values()], paper,
         sorted(p.parent.name for p in results_dir.glob("*/intrinsic.json")), ours,

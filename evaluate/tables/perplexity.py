@@ -1,4 +1,4 @@
-"""The paper's perplexity table (shared/reference/userlm-paper.md, section 5) beside ours.
+"""The paper's perplexity table beside ours (its numbers: evaluate/tables/paper_numbers.py's PERPLEXITY).
 
 Rows: the paper's seven models, in its order, then any other model with results. Columns: WildChat
 and PRISM, each with no intent (our intent=none) and with an intent (our `intent`, task by default).
@@ -12,23 +12,15 @@ import json
 from pathlib import Path
 
 from evaluate.tables import Cell, Table, beside_paper
+from evaluate.tables.paper_numbers import PERPLEXITY
 
-COLUMNS = {  # column -> (dataset, intent or None for the configured one)
+COLUMNS = {  # column -> (dataset, intent or None for the configured one), in PERPLEXITY's order
     "WildChat no intent": ("wildchat", "none"),
     "WildChat intent": ("wildchat", None),
     "PRISM no intent": ("prism", "none"),
     "PRISM intent": ("prism", None),
 }
-PAPER_NUMBERS = {  # the paper's Table: held-out user-turn perplexity, in its row order and COLUMNS order
-    "Llama3.2-1b-Base": (37.68, 29.09, 84.00, 53.54),
-    "Llama3-8b-Base": (98.29, 48.13, 89.98, 40.86),
-    "Llama3.2-1b-Instruct": (26.08, 16.08, 35.02, 20.80),
-    "Llama3-8b-Instruct": (26.19, 21.40, 40.25, 36.29),
-    "USP-8b": (32.08, 21.78, 50.91, 30.16),
-    "UserLM-1b": (8.30, 7.78, 18.58, 10.33),
-    "UserLM-8b": (5.60, 4.33, 14.92, 7.42),
-}
-PAPER = {row: dict(zip(COLUMNS, numbers)) for row, numbers in PAPER_NUMBERS.items()}
+PAPER = {row: dict(zip(COLUMNS, numbers, strict=True)) for row, numbers in PERPLEXITY.items()}
 
 
 def build(cfg) -> Table:
