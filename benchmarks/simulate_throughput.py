@@ -17,12 +17,24 @@ with no retries (their checks cost the same in both runs; a random model's turns
 be resampled a variable number of times). Prints and writes (--out) conversations per minute,
 user turns and generated tokens per second, and the speedup. Goal: batched >= 5x one at a time at
 batch 32. Timings are not assertions: tests never time anything.
+
+The served backend (evaluate.served, `user_model.backend=openai`) runs the same conversations
+against an OpenAI-compatible completions server in front of the same model, at 1, 8 and 32
+conversations in flight (`--in-flight`), one candidate a request; each as a ratio to the local
+batched run. Here the server is scripts/completions_server.py (a process of its own, batching the
+requests that wait): the figure measures the HTTP path and our client, not vLLM. With a GPU:
+
+    vllm serve <model dir> --port 8000 &
+    python benchmarks/simulate_throughput.py --model <model dir> --device cuda --served-url http://localhost:8000/v1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,13 +47,22 @@ from core.prepared import load_conversations
 from data_prep.chat_format import PAD_TOKEN
 from evaluate.assistants import ScriptedAssistant
 from evaluate.protocols import make_protocol
+from evaluate.served import ServedTurnSampler
+from evaluate.simulate_config import ServedUserConfig
 from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator, simulate_conversations
 
+REPO = Path(__file__).resolve().parents[1]
 
-def simulate(model, tokenizer, items, batch_size: int, turns: int, max_new_tokens: int, device: str) -> dict:
+
+def simulate(model, tokenizer, items, batch_size: int, turns: int, max_new_tokens: int, device: str,
+             served_url: str | None = None) -> dict:
+    """`batch_size` conversations in flight, on the local model, or on the server at `served_url`."""
     protocol = make_protocol("userlm", tokenizer, end_token="token", pad_token=PAD_TOKEN)
-    simulator = UserSimulator(model, protocol, SamplingSettings(max_new_tokens=max_new_tokens),
-                              GuardrailSettings(max_retries=0), batch_size)
+    sampling = SamplingSettings(max_new_tokens=max_new_tokens)
+    sampler = None if served_url is None else ServedTurnSampler(
+        ServedUserConfig(base_url=served_url, model="benchmark", concurrency=batch_size, candidates=1), tokenizer,
+        sampling)
+    simulator = UserSimulator(model, protocol, sampling, GuardrailSettings(max_retries=0), batch_size, sampler=sampler)
     torch.manual_seed(0)
     synchronize(device)
     start = time.perf_counter()
@@ -70,6 +91,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 avoids OpenMP stalls on a shared machine")
+    parser.add_argument("--in-flight", default="1,8,32", help="served backend: conversations in flight, each a run")
+    parser.add_argument("--served-url", default=None,
+                        help="a running server's /v1 (vLLM); default: scripts/completions_server.py on the model")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/simulate_throughput-<model>-<tokenizer>-<device>.json")
     args = parser.parse_args()
@@ -98,6 +122,26 @@ def main() -> None:
         print(f"{name:>14}: {json.dumps(report['runs'][name])}")
     report["speedup"] = round(report["runs"]["one_at_a_time"]["seconds"] / report["runs"]["batched"]["seconds"], 2)
     print(f"batched (batch {args.batch_size}) / one at a time: {report['speedup']}x (goal >= 5x)")
+    with tempfile.TemporaryDirectory() as served_model:
+        server = None
+        if args.served_url is None:   # the same weights and tokenizer behind scripts/completions_server.py
+            model.save_pretrained(served_model)
+            tokenizer.save_pretrained(served_model)
+            server = subprocess.Popen([sys.executable, "-m", "scripts.completions_server", "--model", served_model],
+                                      cwd=REPO, stdout=subprocess.PIPE, text=True)
+        url = args.served_url or server.stdout.readline().strip()
+        try:
+            simulate(model, tokenizer, items[:2], 2, 1, 4, args.device, url)  # warm-up (the model: its context only)
+            for in_flight in map(int, args.in_flight.split(",")):
+                run = simulate(model, tokenizer, items, in_flight, args.turns, args.max_new_tokens, args.device, url)
+                run["vs_local_batched"] = round(run["conversations_per_minute"] /
+                                                report["runs"]["batched"]["conversations_per_minute"], 3)
+                report["runs"][f"served_{in_flight}_in_flight"] = run
+                print(f"served, {in_flight:>2} in flight: {json.dumps(run)}")
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
     tokenizer_name = "data" if args.data_dir is not None else Path(args.tokenizer or "llama3").name
     out = args.out or (Path("benchmarks/results") /
                        f"simulate_throughput-{Path(args.model).name}-{tokenizer_name}-{args.device}.json")

@@ -78,8 +78,20 @@ class FirstWordBan:
         return text if text in self.masks else None  # not a prefix of a banned word: nothing to ban
 
     def first_word(self, text: str) -> str | None:
-        letters = LETTERS.match(text.lstrip())
-        return letters.group() if letters else None
+        return first_word(text)
+
+
+def first_word(text: str) -> str | None:
+    """A turn's first word: its first run of letters after leading whitespace (None if it starts otherwise)."""
+    letters = LETTERS.match(text.lstrip())
+    return letters.group() if letters else None
+
+
+def first_word_rule(banned_words: Sequence[str]):
+    """The first-word guardrail as a check of a finished turn, for samplers that cannot mask tokens
+    (a served model): True when the turn opens with a banned word, the same words the mask bans."""
+    banned = frozenset(banned_words)
+    return lambda text: first_word(text) in banned
 
 
 # ---- 1 + 2 while sampling: one logits processor --------------------------------------------------

@@ -88,7 +88,7 @@ def simulate(cfg, output_dir: Path) -> Path:
     # ---- user LM and assistant ---------------------------------------------------------------
     if todo:
         torch.manual_seed(cfg.seed)
-        simulator = UserSimulator.from_config(cfg.user_model, cfg.sampling, cfg.guardrails)
+        simulator = UserSimulator.from_config(cfg.user_model, cfg.sampling, cfg.guardrails, cfg.seed)
         assistant = make_assistant(cfg.assistant)
 
         # ---- simulate: every finished conversation is written (and fsynced) at once ------------------

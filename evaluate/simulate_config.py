@@ -35,9 +35,29 @@ class SamplingConfig:
     max_new_tokens: int = MISSING
 
 
+class UserBackend(StrEnum):         # where the user LM runs
+    hf = auto()                     # a local transformers model in this process
+    openai = auto()                 # a server's OpenAI-compatible /v1/completions (vLLM, SGLang): evaluate.served
+
+
+class PromptFormat(StrEnum):        # how a served user LM gets its prompt
+    token_ids = auto()              # our rendering's token ids (vLLM, SGLang): nothing re-tokenized
+    text = auto()                   # the rendered text, sent with add_special_tokens: false (no BOS)
+
+
+@dataclass
+class ServedUserConfig(ClientConfig):
+    """user_model.openai: the endpoint (core.llm_client.ClientConfig's keys) and how turns are drawn."""
+    candidates: int = 4                          # samples per request (n), judged in turn by the guardrails
+    prompt_format: PromptFormat = PromptFormat.token_ids
+
+
 @dataclass
 class UserModelConfig:
-    name_or_path: str = MISSING       # hub id or local directory
+    name_or_path: str = MISSING       # hub id or local directory (backend openai: the tokenizer and config)
+    # Defaults here, not only in YAML: simulations saved before the served backend existed still load.
+    backend: UserBackend = UserBackend.hf
+    openai: ServedUserConfig = field(default_factory=ServedUserConfig)
     protocol: Protocol = MISSING
     flipped_chat: FlippedChatConfig = field(default_factory=FlippedChatConfig)
     pad_token: str = MISSING

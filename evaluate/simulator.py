@@ -37,7 +37,8 @@ from omegaconf import OmegaConf
 
 from core import runtime
 from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, INTENT_PREFIX, PAD_TOKEN, USER
-from evaluate.guardrails import FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, turn_violations
+from evaluate.guardrails import (FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, first_word_rule,
+                                 turn_violations)
 from evaluate.protocols import make_protocol
 
 
@@ -131,8 +132,8 @@ class UserTurn:
     guardrails: TurnGuardrails = field(default_factory=TurnGuardrails)
     prompt_tokens: int = 0         # length of the prompt it was generated from
     prompt_truncated: bool = False  # that prompt was cut to the context (see the module docstring)
-    error: None = None             # a user LM never fails for good (evaluate.conversation reads it)
-    error_reason: None = None
+    error: str | None = None       # a served user LM's request that failed for good (text None)
+    error_reason: str | None = None
 
     def metadata(self) -> dict:
         """What a transcript records of the turn beside its role and content."""
@@ -148,16 +149,24 @@ class Sample:
     truncated: bool
     tokens: int
     guard: RowRecord
+    error: str | None = None          # the request failed for good (served backends): no text
+    error_reason: str | None = None
 
 
 class TurnSampler(Protocol):
-    def sample(self, prompts: Sequence[list[int]], forbid_end: Sequence[bool], ban_first_word: bool) -> list[Sample]:
-        ...
+    # True: the first-word ban masks tokens while sampling (transformers); False: a sample whose first
+    # word is banned is rejected and drawn again, like the length rule (a served model).
+    masks_first_word: bool
+
+    def sample(self, prompts: Sequence[list[int]], forbid_end: Sequence[bool],
+               ban_first_word: bool) -> list[list[Sample]]:
+        """Candidates for each prompt (one or more), in the order they are to be judged."""
 
 
 # ---- the transformers backend --------------------------------------------------------------------
 class HFTurnSampler:
-    """Batched sampling with transformers' generate, with TurnGuard installed."""
+    """Batched sampling with transformers' generate, with TurnGuard installed: one candidate a prompt."""
+    masks_first_word = True
 
     def __init__(self, model, tokenizer, sampling: SamplingSettings, batch_size: int,
                  first_words: FirstWordBan | None, end_token_id: int | None, stop_token_ids: Sequence[int],
@@ -177,16 +186,16 @@ class HFTurnSampler:
             samples = []
             for (ids, stopped), record in zip(outputs, guard.records):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                samples.append(Sample(text.strip(), END_CONVERSATION in text, not stopped, len(ids), record))
+                samples.append([Sample(text.strip(), END_CONVERSATION in text, not stopped, len(ids), record)])
             return samples
         return runtime.in_length_batches(prompts, self.batch_size, generate)
 
 
-def context_size(model) -> int:
+def context_size(config) -> int:
     """The positions a causal LM can attend over (its config's max_position_embeddings)."""
-    size = getattr(model.config, "max_position_embeddings", None)
+    size = getattr(config, "max_position_embeddings", None)
     if not size:
-        raise ValueError(f"{model.config.name_or_path}: its config has no max_position_embeddings, so prompts "
+        raise ValueError(f"{config.name_or_path}: its config has no max_position_embeddings, so prompts "
                          "cannot be bounded to its context")
     return size
 
@@ -207,14 +216,17 @@ class UserSimulator:
     """
 
     def __init__(self, model, protocol, sampling: SamplingSettings, guardrails: GuardrailSettings,
-                 batch_size: int = 32, sampler: TurnSampler | None = None, pad_token: str | None = None):
+                 batch_size: int = 32, sampler: TurnSampler | None = None, pad_token: str | None = None,
+                 context: int | None = None):
+        """`model`: a local causal LM, or None with a `sampler` (a served one) and its `context`."""
         self.protocol = protocol
         self.tokenizer = protocol.tokenizer
         self.guardrails = guardrails
-        self.max_prompt_tokens = context_size(model) - sampling.max_new_tokens
+        context = context or context_size(model.config)
+        self.max_prompt_tokens = context - sampling.max_new_tokens
         if self.max_prompt_tokens <= 0:
             raise ValueError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
-                             f"the user LM's context of {context_size(model)} tokens")
+                             f"the user LM's context of {context} tokens")
         vocabulary = self.tokenizer.get_vocab()
         self.end_token_id = vocabulary.get(END_CONVERSATION) if END_CONVERSATION in vocabulary else None
         first_words = FirstWordBan(self.tokenizer, guardrails.first_words) if guardrails.first_word else None
@@ -225,12 +237,32 @@ class UserSimulator:
         self.sampler = sampler
 
     @classmethod
-    def from_config(cls, user_model, sampling, guardrails) -> "UserSimulator":
-        """From the `user_model`, `sampling` and `guardrails` config nodes (conf/simulate/config.yaml)."""
+    def from_config(cls, user_model, sampling, guardrails, seed: int = 0) -> "UserSimulator":
+        """From the `user_model`, `sampling` and `guardrails` config nodes (conf/simulate/config.yaml):
+        a local model (backend hf), or one served over /v1/completions (backend openai, evaluate.served)."""
+        if user_model.get("backend", "hf") == "openai":
+            return cls.served(user_model, SamplingSettings(**sampling), GuardrailSettings.from_config(guardrails), seed)
         return cls.from_pretrained(
             user_model.name_or_path, SamplingSettings(**sampling), GuardrailSettings.from_config(guardrails),
             user_model.batch_size, user_model.protocol, user_model.pad_token, user_model.flipped_chat,
             user_model.dtype, user_model.device, user_model.trust_remote_code)
+
+    @classmethod
+    def served(cls, user_model, sampling: SamplingSettings, guardrails: GuardrailSettings, seed: int = 0
+               ) -> "UserSimulator":
+        """A user LM behind an OpenAI-compatible completions endpoint (`user_model.openai`); the
+        tokenizer and context come from `user_model.name_or_path` (no weights are loaded)."""
+        from transformers import AutoConfig
+
+        from evaluate.served import ServedTurnSampler
+        if user_model.protocol != "userlm":
+            raise ValueError("user_model.backend=openai serves user LMs in UserLM's format (protocol userlm); an "
+                             "instruct model playing the user (flipped_chat) runs with backend hf")
+        tokenizer = runtime.load_tokenizer(user_model.name_or_path, trust_remote_code=user_model.trust_remote_code)
+        protocol = make_protocol("userlm", tokenizer, end_token="token", pad_token=user_model.pad_token)
+        config = AutoConfig.from_pretrained(user_model.name_or_path, trust_remote_code=user_model.trust_remote_code)
+        return cls(None, protocol, sampling, guardrails, sampler=ServedTurnSampler(user_model.openai, tokenizer, sampling, seed),
+                   context=context_size(config))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, sampling: SamplingSettings | None = None,
@@ -265,38 +297,49 @@ class UserSimulator:
 
     def generate(self, requests: Sequence[TurnRequest]) -> list[UserTurn]:
         """The next user turn of every request, sampled in batches. A sample that breaks a resampling
-        guardrail (length, repetition; end_conversation without an end token) is drawn again, only
-        for those requests, up to `max_retries` times; then the last sample is kept and marked failed."""
+        guardrail (length, repetition; end_conversation without an end token; the first word where
+        the sampler cannot mask it) is rejected and the next candidate judged, drawing again only for
+        those requests, until `max_retries` samples were rejected; then the last sample is kept and
+        marked failed. A request that failed for good (a served model) ends with its error."""
         g = self.guardrails
         length = LengthRule(g.min_words, g.max_words) if g.length else None
         prefix = g.intent_prefix if g.repetition else None
+        first_words = (first_word_rule(g.first_words)
+                       if g.first_word and not self.sampler.masks_first_word else None)
         built = [self.protocol.prompt_within(r.intent, r.turns, self.max_prompt_tokens) for r in requests]
         prompts = [ids for ids, _ in built]
         forbid_end = [g.end_conversation and not r.allow_end for r in requests]
         records = [TurnGuardrails() for _ in requests]
         turns: list[UserTurn | None] = [None] * len(requests)
         pending = list(range(len(requests)))
-        for attempt in range(g.max_retries + 1):
-            samples = self.sampler.sample([prompts[i] for i in pending], [forbid_end[i] for i in pending],
-                                          g.first_word)
+        while pending:
+            candidates = self.sampler.sample([prompts[i] for i in pending], [forbid_end[i] for i in pending],
+                                             g.first_word)
             retry = []
-            for i, sample in zip(pending, samples):
+            for i, samples in zip(pending, candidates):
                 request = requests[i]
-                if sample.ended:
-                    violations = ["end_conversation"] if forbid_end[i] else []
+                for sample in samples:
+                    if sample.error is not None:
+                        turns[i] = UserTurn(None, False, False, 0, records[i], len(prompts[i]), built[i][1],
+                                            sample.error, sample.error_reason)
+                        break
+                    if sample.ended:
+                        violations = ["end_conversation"] if forbid_end[i] else []
+                    else:
+                        earlier = [t["content"] for t in request.turns if t["role"] == USER]
+                        violations = turn_violations(sample.text, earlier, request.intent, length, prefix)
+                        if first_words is not None and first_words(sample.text):
+                            violations.insert(0, "first_word")
+                    records[i].add_sample(sample.guard, violations)
+                    if violations and records[i].attempts <= g.max_retries:
+                        continue
+                    records[i].failed = violations
+                    turns[i] = UserTurn(None if sample.ended else sample.text, sample.ended, sample.truncated,
+                                        sample.tokens, records[i], len(prompts[i]), built[i][1])
+                    break
                 else:
-                    earlier = [t["content"] for t in request.turns if t["role"] == USER]
-                    violations = turn_violations(sample.text, earlier, request.intent, length, prefix)
-                records[i].add_sample(sample.guard, violations)
-                if violations and attempt < g.max_retries:
                     retry.append(i)
-                    continue
-                records[i].failed = violations
-                turns[i] = UserTurn(None if sample.ended else sample.text, sample.ended, sample.truncated, sample.tokens,
-                                    records[i], len(prompts[i]), built[i][1])
             pending = retry
-            if not pending:
-                break
         return turns
 
 

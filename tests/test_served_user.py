@@ -1,0 +1,80 @@
+"""A user LM served over /v1/completions (evaluate.served) against a real local server in front of
+the tiny model (scripts/completions_server.py): the same conversations as the local backend when
+greedy, the guardrails holding in the transcripts when sampling, prompts without BOS, and a
+request that cannot succeed recorded as a failed conversation."""
+
+from __future__ import annotations
+
+import json
+
+from evaluate.guardrails import first_word
+from evaluate.simulate import run
+from evaluate.transcripts import read_transcripts
+from scripts.completions_server import CompletionsServer
+from tests.conftest import compose_config
+from tests.test_simulate import simulate_overrides
+
+
+def served(base_url: str, *extra: str) -> list[str]:
+    return ["user_model.backend=openai", f"user_model.openai.base_url={base_url}", "user_model.openai.model=tiny",
+            "user_model.openai.backoff_base_s=0.01", "user_model.openai.timeout_s=60", *extra]
+
+
+def overrides(tiny_assets, tiny_data, user_lm, out, *extra) -> list[str]:
+    return [*simulate_overrides(tiny_assets, tiny_data, out, "assistant.kind=scripted"),
+            f"user_model.name_or_path={user_lm}", *extra]
+
+
+def user_turns(records) -> list[tuple]:
+    return [(r["id"], r["end_reason"], [t["content"] for t in r["turns"] if t["role"] == "user"]) for r in records]
+
+
+def test_greedy_served_conversations_equal_the_local_backends(tiny_assets, tiny_data, tiny_userlm_model, tmp_path):
+    import evaluate.simulate_config  # noqa: F401
+    greedy = ["sampling.do_sample=false", "guardrails.first_word.enabled=false", "conversation.end_allowed_after=2"]
+    local = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "hf", *greedy)))
+    with CompletionsServer(str(tiny_userlm_model)) as server:
+        remote = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "api",
+                                                          *greedy, *served(server.base_url))))
+    expected, got = (user_turns(read_transcripts(d / "transcripts.jsonl")) for d in (local, remote))
+    assert got == expected and sum(len(turns) for _, _, turns in got) >= 8
+    bos = server.tokenizer.bos_token_id
+    header = server.tokenizer("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)["input_ids"]
+    assert server.stats.prompts and all(p[0] != bos and p[-len(header):] == header for p in server.stats.prompts)
+
+
+def test_the_guardrails_hold_over_the_api(tiny_assets, tiny_data, tiny_userlm_model, tmp_path):
+    import evaluate.simulate_config  # noqa: F401
+    with CompletionsServer(str(tiny_userlm_model)) as server:
+        # Ban the words the tiny model opens with most, so that the first-word rule has work to do.
+        probe = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "probe",
+                                                         "guardrails.first_word.enabled=false",
+                                                         *served(server.base_url))))
+        openings = [first_word(t["content"]) for r in read_transcripts(probe / "transcripts.jsonl")
+                    for t in r["turns"] if t["role"] == "user"]
+        banned = sorted({w for w in openings if w}, key=openings.count)[-2:]
+        out = run(compose_config("simulate", overrides(
+            tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "guarded", f"guardrails.first_word.words=[{','.join(banned)}]",
+            "guardrails.length.min_words=2", "guardrails.length.max_words=12", "conversation.end_allowed_after=2",
+            "guardrails.max_retries=3", *served(server.base_url, "user_model.openai.candidates=3"))))
+    records = read_transcripts(out / "transcripts.jsonl")
+    turns = [t for r in records for t in r["turns"] if t["role"] == "user"]
+    for turn in turns:
+        failed = turn["guardrails"]["failed"]
+        assert first_word(turn["content"]) not in banned or "first_word" in failed
+        assert 2 <= len(turn["content"].split()) <= 12 or "length" in failed
+        assert turn["guardrails"]["attempts"] <= 4
+    assert all(sum(t["role"] == "user" for t in r["turns"]) >= 2 for r in records if r["end_reason"] == "user_ended")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["guardrails"]["first_word"]["samples_rejected"] > 0   # the rule did reject candidates
+
+
+def test_a_request_that_cannot_succeed_fails_its_conversation(tiny_assets, tiny_data, tiny_userlm_model, tmp_path):
+    """A server whose model lacks <|endconversation|> answers the end token's logit_bias with a 400."""
+    import evaluate.simulate_config  # noqa: F401
+    with CompletionsServer(str(tiny_assets / "model")) as server:
+        out = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "api",
+                                                       *served(server.base_url))))
+    records = read_transcripts(out / "transcripts.jsonl")
+    assert len(records) == 8 and {r["end_reason"] for r in records} == {"user_error"}
+    assert all(r["user_error_reason"] == "http_400" and r["turns"] == [] for r in records)
