@@ -79,6 +79,8 @@ class Conversation:
             record["error"] = self.error
         if self.end_reason == ASSISTANT_ERROR:
             record.update(assistant_error=self.assistant_error, assistant_error_reason=self.assistant_error_reason)
+        if self.end_reason == USER_ERROR:
+            record.update(user_error=self.user_error, user_error_reason=self.user_error_reason)
         return record
 
 

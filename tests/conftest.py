@@ -86,9 +86,11 @@ LLAMA3_INSTRUCT_TEMPLATE = (
 
 
 def save_resized(tiny_assets: Path, tokenizer, out: Path) -> Path:
-    """The tiny model with its embeddings resized to `tokenizer` (new rows: the mean), saved with it."""
+    """The tiny model with its embeddings resized to `tokenizer` (new rows drawn around the mean), saved with it."""
+    import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    torch.manual_seed(0)   # the new rows are drawn at random: the same model whatever test built it first
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -146,8 +148,8 @@ def train_biased_user_lm(tiny_assets: Path, tiny_data: Path, out: Path, steps: i
             target = encoder.encode_bodies([BIASED_TURN if len(examples) % 2 else END_CONVERSATION])[0]
             examples.append((prompt + target, [-100] * len(prompt) + target))
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "model")
+    torch.manual_seed(seed)   # the new embedding rows are drawn at random: the same model whatever ran before
     model.resize_token_embeddings(len(tokenizer))
-    torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         batch = rng.sample(examples, 16)
