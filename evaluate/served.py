@@ -37,9 +37,12 @@ import hashlib
 from collections import Counter
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
 from core.llm_client import LLMClient, RequestFailed, bounded_map
 from data_prep.chat_format import END_CONVERSATION, EOT
 from evaluate.guardrails import RowRecord
+from evaluate.simulate_config import ServedUserConfig
 from evaluate.simulator import Sample
 
 
@@ -48,7 +51,9 @@ class ServedTurnSampler:
     masks_first_word = False
 
     def __init__(self, served_cfg, tokenizer, sampling, seed: int = 0):
-        self.cfg, self.tokenizer, self.sampling, self.seed = served_cfg, tokenizer, sampling, seed
+        # typed even from a saved config.yaml read without the schema (evaluate.intrinsic reads the simulation's)
+        self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServedUserConfig), served_cfg))
+        self.tokenizer, self.sampling, self.seed = tokenizer, sampling, seed
         vocabulary = tokenizer.get_vocab()
         self.end_token_id = vocabulary.get(END_CONVERSATION)
         self.drawn = Counter()   # prompt digest -> requests made for it (a fresh seed each time)

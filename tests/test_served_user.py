@@ -54,7 +54,7 @@ def test_the_guardrails_hold_over_the_api(tiny_assets, tiny_data, tiny_userlm_mo
                     for t in r["turns"] if t["role"] == "user"]
         banned = sorted({w for w in openings if w}, key=openings.count)[-2:]
         out = run(compose_config("simulate", overrides(
-            tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "guarded", f"guardrails.first_word.words=[{','.join(banned)}]",
+            tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "guarded", "guardrails.first_word.words=[" + ",".join(f"'{w}'" for w in banned) + "]",
             "guardrails.length.min_words=2", "guardrails.length.max_words=12", "conversation.end_allowed_after=2",
             "guardrails.max_retries=3", *served(server.base_url, "user_model.openai.candidates=3"))))
     records = read_transcripts(out / "transcripts.jsonl")
@@ -78,3 +78,42 @@ def test_a_request_that_cannot_succeed_fails_its_conversation(tiny_assets, tiny_
     records = read_transcripts(out / "transcripts.jsonl")
     assert len(records) == 8 and {r["end_reason"] for r in records} == {"user_error"}
     assert all(r["user_error_reason"] == "http_400" and r["turns"] == [] for r in records)
+
+
+def test_extrinsic_user_lm_served_equals_local_when_greedy(biased_user_lm, tmp_path):
+    import evaluate.extrinsic.config  # noqa: F401
+    from evaluate.extrinsic.run import run as run_extrinsic
+    from tests.test_extrinsic_run import tiny_lm_overrides
+    greedy = ["assistant.kind=scripted", "user.user_lm.sampling.do_sample=false",
+              "user.user_lm.guardrails.first_word.enabled=false"]
+    local = run_extrinsic(compose_config("extrinsic", tiny_lm_overrides(biased_user_lm, tmp_path / "hf", *greedy)))
+    with CompletionsServer(str(biased_user_lm)) as server:
+        remote = run_extrinsic(compose_config("extrinsic", tiny_lm_overrides(
+            biased_user_lm, tmp_path / "api", *greedy, "user.user_lm.model.backend=openai",
+            f"user.user_lm.model.openai.base_url={server.base_url}", "user.user_lm.model.openai.model=tiny")))
+    turns = [[(r["task_id"], r["run"], r["end_reason"], [t["content"] for t in r["turns"] if t["role"] == "user"])
+              for r in read_transcripts(d / "transcripts.jsonl")] for d in (local, remote)]
+    assert turns[1] == turns[0] and len(turns[0]) == 8 and server.stats.requests > 0
+
+
+def test_intrinsic_drives_the_user_lm_its_simulation_served(biased_user_lm, tiny_data, tmp_path):
+    """evaluate.intrinsic generates with the simulation's user LM: served there, served here."""
+    import evaluate.simulate_config  # noqa: F401
+    from evaluate.intrinsic import run as run_intrinsic
+    from tests.openai_server import OpenAIServer
+    from tests.test_intrinsic import FIXTURES, judge_rule
+    with CompletionsServer(str(biased_user_lm)) as server, \
+            OpenAIServer(reply=lambda body: judge_rule(body["messages"][-1]["content"])) as judge:
+        simulation = run(compose_config("simulate", [
+            "experiment=tiny", f"user_model.name_or_path={biased_user_lm}", "assistant.kind=scripted",
+            f"intents.path={tiny_data}", f"output_dir={tmp_path / 'simulation'}", "progress=false",
+            "sampling.max_new_tokens=16", "guardrails.max_retries=1", *served(server.base_url)]))
+        during_simulation = server.stats.requests
+        path = run_intrinsic(compose_config("intrinsic", [
+            f"simulation={simulation}", f"output_dir={tmp_path / 'results'}", "first_turns=6",
+            "metrics=[first_turn_diversity,role_adherence]",
+            f"role_adherence.data.source={FIXTURES / 'commonsense_qa.jsonl'}", f"judge.client.base_url={judge.base_url}",
+            "judge.client.model=test-judge", "judge.client.backoff_base_s=0.01", "judge.client.max_retries=1"]))
+    metrics = json.loads(path.read_text())["metrics"]
+    assert {"first_turn_diversity", "role_adherence"} <= set(metrics)
+    assert server.stats.requests > during_simulation > 0   # the metrics' turns came from the server too
