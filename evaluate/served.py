@@ -26,8 +26,10 @@ Server faults (429 with Retry-After, 5xx, timeouts, malformed bodies) are retrie
 request that fails for good (a 400 for an out-of-vocabulary logit_bias, retries exhausted) ends that
 conversation as `user_error` with its reason; the others go on.
 
-Each request's seed is derived from `seed`, the prompt and how often that prompt was drawn, so a
-server that honours `seed` gives the same conversations on a rerun.
+Each request's seed is derived from `seed`, the prompt and how often this process drew that prompt
+(so two conversations with the same prompt, such as runs of one task, draw differently), and a
+server that honours `seed` gives the same conversations on an uninterrupted rerun; a resumed run
+draws what is left with other seeds, as the local backend draws it in other batches.
 """
 
 from __future__ import annotations
