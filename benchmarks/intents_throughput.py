@@ -3,7 +3,7 @@
     python benchmarks/intents_throughput.py                       # 64 in flight, 200 ms per request
     python benchmarks/intents_throughput.py --requests 6000 --concurrency 128 --latency 0.2
 
-The server (tests/openai_server.py) runs in its own process and sleeps `latency` before each reply,
+The server (scripts/openai_server.py) runs in its own process and sleeps `latency` before each reply,
 so the best possible rate is concurrency / latency (64 / 0.2 s = 320 requests/s). Measured:
   1. client:  LLMClient.complete_many alone (HTTP, JSON, concurrency control);
   2. stage:   the whole intents stage (generate_intents: prompts from conversations, requests,
@@ -41,7 +41,7 @@ from scripts.make_tiny_assets import SAMPLE_DIR as SAMPLE  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, "-m", "tests.openai_server", "--latency", str(latency)], cwd=REPO,
+    server = subprocess.Popen([sys.executable, "-m", "scripts.openai_server", "--latency", str(latency)], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     return server, server.stdout.readline().strip()
 

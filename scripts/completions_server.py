@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,6 +26,7 @@ import torch
 from aiohttp import web
 
 from core import runtime
+from scripts.local_server import LocalServer, serve_printing_url
 
 
 @dataclass
@@ -51,7 +50,7 @@ class ServerStats:
     max_batch_rows: int = 0                       # most rows generated together
 
 
-class CompletionsServer:
+class CompletionsServer(LocalServer):
     def __init__(self, model_dir: str, port: int = 0, max_batch_rows: int = 64):
         self.tokenizer = runtime.load_tokenizer(model_dir)
         self.model = runtime.load_causal_lm(model_dir, "float32", "cpu")
@@ -61,11 +60,7 @@ class CompletionsServer:
         self.port, self.max_batch_rows = port, max_batch_rows
         self.stats = ServerStats()
         self.queue: list[tuple[list[Row], asyncio.Future]] = []
-        self.wake: Optional[asyncio.Event] = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        self.wake = asyncio.Event()
 
     # ---- the protocol ------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.Response:
@@ -98,7 +93,7 @@ class CompletionsServer:
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": sum(len(r.tokens) for r in rows),
                       "total_tokens": len(prompt) * len(rows) + sum(len(r.tokens) for r in rows)}})
 
-    async def batches(self) -> None:
+    async def background(self) -> None:
         """Run what is queued as one batch, in a thread (the event loop keeps accepting requests)."""
         while True:
             await self.wake.wait()
@@ -164,44 +159,8 @@ class CompletionsServer:
             probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    # ---- lifecycle -----------------------------------------------------------------------------
-    async def serve(self, started: Optional[threading.Event] = None) -> None:
-        self.wake = asyncio.Event()
-        app = web.Application(client_max_size=64 << 20)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self.completions)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock, backlog=1024).start()
-        worker = asyncio.ensure_future(self.batches())
-        if started:
-            started.set()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            worker.cancel()
-            await runner.cleanup()
-
-    def __enter__(self) -> "CompletionsServer":
-        started = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve_until_stopped(started)), daemon=True)
-        self._thread.start()
-        if not started.wait(60):
-            raise RuntimeError("the completions server did not start")
-        return self
-
-    async def _serve_until_stopped(self, started: threading.Event) -> None:
-        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
-        try:
-            await self.serve(started)
-        except asyncio.CancelledError:
-            pass
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(10)
 
 
 if __name__ == "__main__":
@@ -209,13 +168,4 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = CompletionsServer(args.model, args.port)
-
-    async def main():
-        started = threading.Event()
-        task = asyncio.ensure_future(server.serve(started))
-        while not started.is_set():
-            await asyncio.sleep(0.01)
-        print(server.base_url, flush=True)
-        await task
-    asyncio.run(main())
+    serve_printing_url(CompletionsServer(args.model, args.port))

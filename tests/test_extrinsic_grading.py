@@ -1,5 +1,5 @@
 """evaluate.extrinsic.grading: the rule on tricky replies, the Grader with real code runs, and the llm
-extractor against the real local OpenAI-compatible server (tests/openai_server.py)."""
+extractor against the real local OpenAI-compatible server (scripts/openai_server.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from evaluate.extrinsic.code_exec import CodeExecConfig
 from evaluate.extrinsic.grading import (Grade, Grader, GradingConfig, extract_code, grade_math, last_number,
                                         normalize_number, parse_judge)
 from evaluate.extrinsic.tasks import TasksConfig, load_tasks
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "lic" / "sharded_instructions.json"
 COUNT_VOWELS = "def count_vowels(text):\n    return sum(c in 'aeiou' for c in text.lower())\n"

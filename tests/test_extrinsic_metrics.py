@@ -1,5 +1,5 @@
 """evaluate.extrinsic.metrics: every metric of extrinsic.json, computed by hand on tiny transcripts,
-lexically and with a real local judge server (tests/openai_server.py) whose replies are scripted."""
+lexically and with a real local judge server (scripts/openai_server.py) whose replies are scripted."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from evaluate.extrinsic.metrics import MetricsConfig, extrinsic_metrics, make_judge
 from evaluate.extrinsic.tasks import Shard, Task
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 APPLES = Task("sharded-GSM8K/0", "math", (Shard(1, "How many apples does Tom have left?"),
                                         Shard(2, "Tom starts with 12 apples."), Shard(3, "He gives 5 apples to Ann.")),

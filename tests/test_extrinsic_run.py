@@ -13,7 +13,7 @@ from evaluate.config import result_name
 from evaluate.extrinsic.run import run
 from evaluate.transcripts import read_transcripts
 from tests.conftest import compose_config
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "lic" / "sharded_instructions.json"
 KEY = "sk-test-extrinsic-4f1c9e0b7a2d"   # a fake key: it must reach no output file, nor the code run

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.intent_prompts import compare, entities, main
 from tests.conftest import REPO, compose_config
-from tests.openai_server import INTENT_PREFIX
+from scripts.openai_server import INTENT_PREFIX
 
 P = INTENT_PREFIX + " "
 USER_TURNS = {

@@ -22,7 +22,7 @@ from data_prep.intents.checks import check_reply
 from data_prep.intents.prompt import IntentPrompt
 from core.jsonl import JsonlWriter
 from tests.conftest import REPO, SAMPLE, compose_config, run_data_prep
-from tests.openai_server import INTENT_PREFIX, OpenAIServer
+from scripts.openai_server import INTENT_PREFIX, OpenAIServer
 
 
 def intents_overrides(store, base_url: str, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ from evaluate.simulate import run as run_simulate
 from evaluate.table import run as run_table
 from evaluate.transcripts import read_transcripts
 from tests.conftest import REPO, compose_config
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 FIXTURES = REPO / "tests" / "fixtures"
 

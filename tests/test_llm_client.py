@@ -1,4 +1,4 @@
-"""The OpenAI-compatible client against a real HTTP server (tests/openai_server.py): overlap,
+"""The OpenAI-compatible client against a real HTTP server (scripts/openai_server.py): overlap,
 retries of every fault kind, Retry-After, rate limits, configuration errors, the key's handling."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from core.llm_client import LLMClient, LLMConfigError, RequestFailed
 from tests.conftest import compose_config
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 RETRIED_FAULTS = ["429", "500", "503", "malformed", "disconnect", "slow"]
 

@@ -1,6 +1,6 @@
 """Issue 9, items 6, 12 and 15: bounded replies and prompts, a dead endpoint, keys that leak back.
 
-Against the real local server (tests/openai_server.py) and the tiny models; no mocks."""
+Against the real local server (scripts/openai_server.py) and the tiny models; no mocks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.llm_client import EndpointUnreachable, LLMConfigError, RequestFailed
 from tests.conftest import REPO, compose_config, run_data_prep
-from tests.openai_server import INTENT_PREFIX, OpenAIServer
+from scripts.openai_server import INTENT_PREFIX, OpenAIServer
 from tests.test_intents import generate, intents_overrides, store_rows
 from tests.test_llm_client import client_config, messages, run
 

@@ -100,7 +100,7 @@ def test_intrinsic_drives_the_user_lm_its_simulation_served(biased_user_lm, tiny
     """evaluate.intrinsic generates with the simulation's user LM: served there, served here."""
     import evaluate.simulate_config  # noqa: F401
     from evaluate.intrinsic import run as run_intrinsic
-    from tests.openai_server import OpenAIServer
+    from scripts.openai_server import OpenAIServer
     from tests.test_intrinsic import FIXTURES, judge_rule
     with CompletionsServer(str(biased_user_lm)) as server, \
             OpenAIServer(reply=lambda body: judge_rule(body["messages"][-1]["content"])) as judge:

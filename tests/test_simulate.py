@@ -16,7 +16,7 @@ import torch
 from evaluate.simulate import run
 from evaluate.transcripts import read_transcripts
 from tests.conftest import REPO, compose_config, preset_changes
-from tests.openai_server import OpenAIServer
+from scripts.openai_server import OpenAIServer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 

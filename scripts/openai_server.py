@@ -20,7 +20,7 @@ text repeats the request's Authorization header, as a careless proxy might).
 `api_key`: when set, requests without "Authorization: Bearer <api_key>" get 401.
 
 Run alone (for benchmarks, in its own process so it does not share the client's GIL):
-    python -m tests.openai_server --latency 0.2      # prints the base URL, serves until killed;
+    python -m scripts.openai_server --latency 0.2      # prints the base URL, serves until killed;
                                                      # GET /stats returns the counters as JSON
 """
 
@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import socket
-import threading
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -39,6 +37,7 @@ from typing import Callable, Optional
 from aiohttp import web
 
 from data_prep.chat_format import INTENT_PREFIX
+from scripts.local_server import LocalServer, serve_printing_url
 
 
 def prompt_digest(body: dict) -> str:
@@ -64,7 +63,7 @@ class ServerStats:
     huge_bytes_sent: int = 0          # bytes of "huge" replies written before the client went away
 
 
-class OpenAIServer:
+class OpenAIServer(LocalServer):
     def __init__(self, reply: Callable[[dict], str] = intent_reply, latency_s: float = 0.0, slow_s: float = 5.0,
                  retry_after_s: float = 0.05, api_key: Optional[str] = None, port: int = 0,
                  huge_bytes: int = 256 << 20):
@@ -74,11 +73,6 @@ class OpenAIServer:
         self.rules: list[tuple[Callable[[dict], bool], str]] = []
         self.hang_after: Optional[int] = None
         self.stats = ServerStats()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     # ---- the protocol ------------------------------------------------------------------------
     def _fault(self, body: dict) -> Optional[str]:
@@ -174,52 +168,10 @@ class OpenAIServer:
     async def stats_json(self, request: web.Request) -> web.Response:
         return web.json_response({k: v for k, v in asdict(self.stats).items() if k != "answered"})
 
-    # ---- lifecycle -----------------------------------------------------------------------------
-    async def serve(self, started: Optional[threading.Event] = None) -> None:
-        """Serve on this event loop until cancelled."""
-        self._loop = asyncio.get_running_loop()
-        app = web.Application(client_max_size=64 << 20)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/stats", self.stats_json)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock, backlog=1024).start()
-        if started:
-            started.set()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    def start(self) -> "OpenAIServer":
-        """Serve from a background thread with its own event loop."""
-        started = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve_until_stopped(started)), daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("the test OpenAI server did not start")
-        return self
-
-    async def _serve_until_stopped(self, started: threading.Event) -> None:
-        self._task = asyncio.current_task()
-        try:
-            await self.serve(started)
-        except asyncio.CancelledError:
-            pass
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(10)
-
-    def __enter__(self) -> "OpenAIServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":
@@ -227,14 +179,4 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every reply")
     args = parser.parse_args()
-    server = OpenAIServer(latency_s=args.latency, port=args.port)
-
-    async def main():
-        started = threading.Event()
-        task = asyncio.ensure_future(server.serve(started))
-        while not started.is_set():
-            await asyncio.sleep(0.01)
-        print(server.base_url, flush=True)
-        await task
-
-    asyncio.run(main())
+    serve_printing_url(OpenAIServer(latency_s=args.latency, port=args.port))
