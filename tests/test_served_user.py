@@ -43,30 +43,43 @@ def test_greedy_served_conversations_equal_the_local_backends(tiny_assets, tiny_
     assert server.stats.prompts and all(p[0] != bos and p[-len(header):] == header for p in server.stats.prompts)
 
 
+def banned_words_override(words) -> str:
+    return "guardrails.first_word.words=[" + ",".join(f"'{w}'" for w in words) + "]"
+
+
 def test_the_guardrails_hold_over_the_api(tiny_assets, tiny_data, tiny_userlm_model, tmp_path):
     import evaluate.simulate_config  # noqa: F401
     with CompletionsServer(str(tiny_userlm_model)) as server:
-        # Ban the words the tiny model opens with most, so that the first-word rule has work to do.
+        # Greedy first turns open with a known word; banned, every candidate breaks the rule (greedy
+        # draws the same turn again), so each such turn is rejected to the budget and marked failed.
+        greedy = ["sampling.do_sample=false", "conversation.max_user_turns=1", "guardrails.max_retries=2"]
         probe = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "probe",
-                                                         "guardrails.first_word.enabled=false",
+                                                         "guardrails.first_word.enabled=false", *greedy,
                                                          *served(server.base_url))))
-        openings = [first_word(t["content"]) for r in read_transcripts(probe / "transcripts.jsonl")
-                    for t in r["turns"] if t["role"] == "user"]
-        banned = sorted({w for w in openings if w}, key=openings.count)[-2:]
+        openings = [first_word(r["turns"][0]["content"]) for r in read_transcripts(probe / "transcripts.jsonl")
+                    if r["turns"]]
+        common = max({w for w in openings if w}, key=openings.count)
+        banned_run = run(compose_config("simulate", overrides(tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "ban",
+                                                              banned_words_override([common]), *greedy,
+                                                              *served(server.base_url))))
+        # Sampling, every guardrail on, three candidates a request.
         out = run(compose_config("simulate", overrides(
-            tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "guarded", "guardrails.first_word.words=[" + ",".join(f"'{w}'" for w in banned) + "]",
+            tiny_assets, tiny_data, tiny_userlm_model, tmp_path / "guarded", banned_words_override([common]),
             "guardrails.length.min_words=2", "guardrails.length.max_words=12", "conversation.end_allowed_after=2",
             "guardrails.max_retries=3", *served(server.base_url, "user_model.openai.candidates=3"))))
+    first_turns = [r["turns"][0] for r in read_transcripts(banned_run / "transcripts.jsonl") if r["turns"]]
+    hit = [t for t in first_turns if first_word(t["content"]) == common]
+    assert hit   # a kept turn opening with the banned word used its whole budget and is marked failed
+    assert all(t["guardrails"]["failed"] == ["first_word"] and t["guardrails"]["attempts"] == 3 for t in hit)
+    assert json.loads((banned_run / "summary.json").read_text())["guardrails"]["first_word"]["samples_rejected"] \
+        >= 3 * len(hit)
     records = read_transcripts(out / "transcripts.jsonl")
-    turns = [t for r in records for t in r["turns"] if t["role"] == "user"]
-    for turn in turns:
+    for turn in (t for r in records for t in r["turns"] if t["role"] == "user"):
         failed = turn["guardrails"]["failed"]
-        assert first_word(turn["content"]) not in banned or "first_word" in failed
+        assert first_word(turn["content"]) != common or "first_word" in failed
         assert 2 <= len(turn["content"].split()) <= 12 or "length" in failed
         assert turn["guardrails"]["attempts"] <= 4
     assert all(sum(t["role"] == "user" for t in r["turns"]) >= 2 for r in records if r["end_reason"] == "user_ended")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["guardrails"]["first_word"]["samples_rejected"] > 0   # the rule did reject candidates
 
 
 def test_a_request_that_cannot_succeed_fails_its_conversation(tiny_assets, tiny_data, tiny_userlm_model, tmp_path):
