@@ -77,9 +77,6 @@ class FirstWordBan:
             return None                               # starts with a non-letter, or the word is complete
         return text if text in self.masks else None  # not a prefix of a banned word: nothing to ban
 
-    def first_word(self, text: str) -> str | None:
-        return first_word(text)
-
 
 def first_word(text: str) -> str | None:
     """A turn's first word: its first run of letters after leading whitespace (None if it starts otherwise)."""

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from evaluate.guardrails import FirstWordBan, LengthRule, guardrail_report, turn_violations
+from evaluate.guardrails import FirstWordBan, LengthRule, first_word, guardrail_report, turn_violations
 from evaluate.simulator import GuardrailSettings, SamplingSettings, TurnRequest, UserSimulator
 from tests.conftest import BIASED_TURN
 
@@ -30,8 +30,8 @@ def sample(model_dir, requests, seed=0, max_new_tokens=12, **guardrails):
     return simulator.generate(requests)
 
 
-def first_words(turns, ban: FirstWordBan):
-    return [ban.first_word(t.text) for t in turns if t.text is not None]
+def first_words(turns):
+    return [first_word(t.text) for t in turns if t.text is not None]
 
 
 # ---- 1. first word -------------------------------------------------------------------------------
@@ -57,10 +57,10 @@ def test_first_word_ban_never_lets_a_banned_word_open_a_turn(tiny_assets, tiny_t
     requests = [TurnRequest(INTENT, [], allow_end=False)] * 96
     unguarded = sample(tiny_assets / "model", requests)
     ban = FirstWordBan(tiny_tokenizer, [])
-    common = [w for w, _ in Counter(w for w in first_words(unguarded, ban) if w).most_common(5)]
-    assert sum(w in common for w in first_words(unguarded, ban)) >= 5
+    common = [w for w, _ in Counter(w for w in first_words(unguarded) if w).most_common(5)]
+    assert sum(w in common for w in first_words(unguarded)) >= 5
     guarded = sample(tiny_assets / "model", requests, first_word=True, first_words=common)
-    assert not any(w in common for w in first_words(guarded, ban))
+    assert not any(w in common for w in first_words(guarded))
     report = guardrail_report([t.guardrails.to_dict() for t in guarded], GuardrailSettings(**OFF).enabled())
     assert report["first_word"]["turns_intervened"] >= 1
     assert report["first_word"]["mean_removed_mass"] > 0
@@ -71,9 +71,9 @@ def test_first_word_ban_on_a_habitual_opening(biased_user_lm, tiny_tokenizer):
     requests = [TurnRequest(INTENT, [], allow_end=False)] * 32
     ban_word, ban = BIASED_TURN.split()[0], FirstWordBan(tiny_tokenizer, [])
     unguarded = sample(biased_user_lm, requests, end_conversation=True)
-    assert first_words(unguarded, ban).count(ban_word) >= 24
+    assert first_words(unguarded).count(ban_word) >= 24
     guarded = sample(biased_user_lm, requests, end_conversation=True, first_word=True, first_words=[ban_word])
-    assert ban_word not in first_words(guarded, ban)
+    assert ban_word not in first_words(guarded)
     assert sum(t.guardrails.intervened.get("first_word", False) for t in guarded) >= 24
 
 
