@@ -109,12 +109,17 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
 
 
 def make_record(key: str | None, turns: list[dict], filters_cfg, *, language: str | None = None, toxic=False,
-                redacted=False, user_id: str | None = None, country: str | None = None, events=()) -> dict:
+                redacted=False, user_id: str | None = None, country: str | None = None, events=(),
+                malformed: str = "") -> dict:
     """The record of one conversation (data_prep.sources' adapters call this): its turns cleaned and
     checked. `key` is the source's own conversation id; None derives it from the cleaned turns
-    (exact_key, event id_from_turns). `user_id` (with `country`) identifies the user for the split."""
+    (exact_key, event id_from_turns). `user_id` (with `country`) identifies the user for the split.
+    `malformed`: the adapter already knows the row cannot be used (its reason); the turns are not checked."""
     turns, removal_events = remove_control_characters(turns)
-    malformed, turns, ended, check_events = check_turns(turns, filters_cfg.unanswered_last_turn)
+    if malformed:
+        ended, check_events = False, []
+    else:
+        malformed, turns, ended, check_events = check_turns(turns, filters_cfg.unanswered_last_turn)
     ok = not malformed
     content_key = exact_key(turns)
     return {

@@ -82,20 +82,21 @@ class NgramCounts:
         return bool(mine.size) and int(self.counts[np.searchsorted(self.unique, mine)].max()) > self.threshold
 
 
-def filter_steps(filters_cfg, records) -> list[tuple[str, callable]]:
-    """(name, make_predicate) pairs. make_predicate(rows reaching the step) -> a predicate that takes
-    a record (with its "row") and returns a reason or "" (steps that look at the whole corpus, such
-    as ngram_count, see exactly the conversations the earlier steps kept)."""
-    steps = [("malformed", lambda rows: lambda r: r["malformed"])]
+def filter_steps(filters_cfg, records, t: dict[str, list]) -> list[tuple[str, callable]]:
+    """(name, make_predicate) pairs over the record columns `t` (column -> values by row).
+    make_predicate(rows reaching the step) -> a predicate that takes a row and returns a reason or ""
+    (steps that look at the whole corpus, such as ngram_count, see exactly the conversations the
+    earlier steps kept)."""
+    steps = [("malformed", lambda rows: lambda i: t["malformed"][i])]
     if filters_cfg.languages is not None:
         languages = set(filters_cfg.languages)
-        steps.append(("language", lambda rows: lambda r: "" if r["language"] in languages else "language"))
+        steps.append(("language", lambda rows: lambda i: "" if t["language"][i] in languages else "language"))
     if filters_cfg.exact_duplicates:
         def exact(rows):
             seen = set()
 
-            def predicate(r):
-                keys = (("hash", r["conversation_hash"]), ("content", r["exact_key"]))
+            def predicate(i):
+                keys = (("hash", t["conversation_hash"][i]), ("content", t["exact_key"][i]))
                 if any(k in seen for k in keys):
                     return "exact_duplicate"
                 seen.update(keys)
@@ -107,26 +108,28 @@ def filter_steps(filters_cfg, records) -> list[tuple[str, callable]]:
         def prefix_key(rows):
             seen = Counter()
 
-            def predicate(r):
-                if not r["near_key"]:
+            def predicate(i):
+                key = t["near_key"][i]
+                if not key:
                     return ""
-                seen[r["near_key"]] += 1
-                return "prefix_key" if seen[r["near_key"]] > near.max_per_key else ""
+                seen[key] += 1
+                return "prefix_key" if seen[key] > near.max_per_key else ""
             return predicate
         steps.append(("near_duplicate", prefix_key))
     elif near.enabled:
         def ngram_count(rows):
             counts = NgramCounts(records, rows, near.ngram, near.threshold)
-            return lambda r: "ngram_count" if counts.is_duplicate(r["row"]) else ""
+            return lambda i: "ngram_count" if counts.is_duplicate(i) else ""
         steps.append(("near_duplicate", ngram_count))
     if filters_cfg.toxic:
-        steps.append(("toxic", lambda rows: lambda r: "toxic" if r["toxic"] else ""))
+        steps.append(("toxic", lambda rows: lambda i: "toxic" if t["toxic"][i] else ""))
     if filters_cfg.redacted:
-        steps.append(("redacted", lambda rows: lambda r: "redacted" if r["redacted"] else ""))
+        steps.append(("redacted", lambda rows: lambda i: "redacted" if t["redacted"][i] else ""))
     if filters_cfg.max_user_turns is not None:
-        steps.append(("max_user_turns", lambda rows: lambda r: "max_user_turns" if r["num_user_turns"] > filters_cfg.max_user_turns else ""))
+        steps.append(("max_user_turns", lambda rows: lambda i: "max_user_turns"
+                      if t["num_user_turns"][i] > filters_cfg.max_user_turns else ""))
     if filters_cfg.max_chars is not None:
-        steps.append(("max_chars", lambda rows: lambda r: "max_chars" if r["num_chars"] > filters_cfg.max_chars else ""))
+        steps.append(("max_chars", lambda rows: lambda i: "max_chars" if t["num_chars"][i] > filters_cfg.max_chars else ""))
     return steps
 
 
@@ -141,10 +144,10 @@ def apply_filters(records, filters_cfg, funnel: Funnel) -> tuple[list[int], list
                "num_user_turns", "num_chars"]
     table = records.select_columns(columns).to_dict()
     kept, dropped = list(range(len(records))), []
-    for name, make_predicate in filter_steps(filters_cfg, records):
+    for name, make_predicate in filter_steps(filters_cfg, records, table):
         predicate, reasons, survivors = make_predicate(kept), Counter(), []
         for i in kept:
-            reason = predicate({"row": i, **{c: table[c][i] for c in columns}})
+            reason = predicate(i)
             if reason:
                 reasons[reason] += 1
                 dropped.append({"row": i, "conversation_hash": table["conversation_hash"][i], "step": name,

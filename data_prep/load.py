@@ -17,9 +17,8 @@ where there is one):
 - `data.limit` is a positive number of rows, or null for all.
 
 Sources whose rows differ in shape (ShareGPT, OpenAI messages: reader "json_rows") are read from
-local JSON Lines files or JSON files holding one list, each row kept as its JSON text with its
-file and position (line in JSON Lines, index in a JSON list) and parsed by the source's records
-function; each file's first row must hold the source's field (`conversations`, `messages`), so a
+local JSON Lines files or JSON files holding one list, each row kept as its JSON text and parsed
+by the source's records function; each file's first row must hold the source's field (`conversations`, `messages`), so a
 file of another format fails at once, naming the file.
 """
 
@@ -38,8 +37,7 @@ from core.artifacts import sha256_of
 from data_prep import sources
 
 log = logging.getLogger(__name__)
-JSON_ROW_FEATURES = datasets.Features({"json": datasets.Value("string"), "file": datasets.Value("string"),
-                                       "position": datasets.Value("int64")})
+JSON_ROW_FEATURES = datasets.Features({"json": datasets.Value("string")})
 JSON_SUFFIXES = (".jsonl", ".json")
 READ_CHUNK_BYTES = 16 * 2**20
 
@@ -164,56 +162,57 @@ def load_local(files: list[Path], columns: list[str] | None, check, source: str)
     return dataset, empty
 
 
-def json_rows(files: list[str], digests: list[str]):
-    """Every row of the files as {json, file, position}; `digests` only key datasets' cache."""
+def json_rows(files: list[str], digests: list[str], json_field: str):
+    """Every row of the files as {json}, each parsed once here: a line that is not
+    JSON, or a file whose first row lacks `json_field`, is an error naming the file (and line).
+    `digests` only key datasets' cache."""
     for name in files:
         with open(name, "rb") as f:
             is_list = f.read(READ_CHUNK_BYTES).lstrip().startswith(b"[")
             f.seek(0)
             if is_list:
-                document = json.load(f)
-                for position, row in enumerate(document):
-                    yield {"json": json.dumps(row, ensure_ascii=False), "file": name, "position": position}
-                continue
-            for position, line in enumerate(f, 1):
-                if line.strip():
-                    yield {"json": line.decode().strip(), "file": name, "position": position}
+                try:
+                    rows = ((position, row, None) for position, row in enumerate(json.load(f)))
+                except ValueError as e:
+                    raise ValueError(f"{name}: not valid JSON ({e})") from None
+            else:
+                rows = ((position, parsed_line(name, position, line), line) for position, line in enumerate(f, 1)
+                        if line.strip())
+            for number, (position, row, line) in enumerate(rows):
+                if number == 0 and not (isinstance(row, dict) and json_field in row):
+                    raise ValueError(f"{name}: its first row has no {json_field!r} field (keys: "
+                                     f"{sorted(row) if isinstance(row, dict) else type(row).__name__}): is this "
+                                     "the data.kind you meant?")
+                text = line.decode().strip() if line is not None else json.dumps(row, ensure_ascii=False)
+                yield {"json": text}
 
 
-def first_row(path: Path):
-    """The first row of a JSON Lines file or JSON list (None when it has none)."""
-    with open(path, "rb") as f:
-        if f.read(READ_CHUNK_BYTES).lstrip().startswith(b"["):
-            f.seek(0)
-            return next(iter(json.load(f)), None)
-        f.seek(0)
-        return next((json.loads(line) for line in f if line.strip()), None)
+def parsed_line(name: str, number: int, line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{name}:{number}: not valid JSON ({e})") from None
 
 
-def load_json_rows(files: list[Path], json_field: str, source: str) -> tuple[datasets.Dataset, list[Path]]:
-    """Check, then read, JSON Lines / JSON list files row by row (JSON_ROW_FEATURES)."""
+def load_json_rows(files: list[Path], digests: dict[Path, str], json_field: str, source: str
+                   ) -> tuple[datasets.Dataset, list[Path]]:
+    """Check, then read, JSON Lines / JSON list files row by row (JSON_ROW_FEATURES); `digests`: each
+    file's sha256 (the cache key)."""
     if any(f.suffix not in JSON_SUFFIXES for f in files):
         raise ValueError(f"{source}: this source reads JSON Lines (.jsonl) or JSON (.json) files")
-    with_rows = []
-    for f in files:
-        if not check_utf8(f):
-            continue
-        if (error := first_json_error(f)) is not None:
-            raise ValueError(error)
-        row = first_row(f)
-        if row is None:
-            continue
-        if not isinstance(row, dict) or json_field not in row:
-            raise ValueError(f"{f}: its first row has no {json_field!r} field (keys: "
-                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}): is this the "
-                             "data.kind you meant?")
-        with_rows.append(f)
+    with_rows = [f for f in files if check_utf8(f)]
     empty = [f for f in files if f not in with_rows]
-    if not with_rows:
+    try:
+        dataset = datasets.Dataset.from_generator(
+            json_rows, features=JSON_ROW_FEATURES, gen_kwargs={
+                "files": [str(f) for f in with_rows], "digests": [digests[f] for f in with_rows],
+                "json_field": json_field}) if with_rows else None
+    except datasets.exceptions.DatasetGenerationError as e:   # our ValueError, naming the file, inside
+        raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
+    except ValueError as e:   # datasets' own: the files hold no rows (say, one JSON document "[]")
+        raise ValueError(f"{source}: no rows to read ({e})") from None
+    if dataset is None or len(dataset) == 0:
         raise ValueError(f"{source}: no rows to read")
-    dataset = datasets.Dataset.from_generator(
-        json_rows, features=JSON_ROW_FEATURES,
-        gen_kwargs={"files": [str(f) for f in with_rows], "digests": [sha256_of(f) for f in with_rows]})
     return dataset, empty
 
 
@@ -236,12 +235,13 @@ def load_source(data_cfg) -> tuple[datasets.Dataset, dict]:
     files = local_files(data_cfg.source)
     columns = read_columns(source, data_cfg)
     if files is not None:
+        digests = {f: sha256_of(f) for f in files}
         if source.reader == "json_rows":
-            dataset, empty = load_json_rows(files, source.json_field, str(data_cfg.source))
+            dataset, empty = load_json_rows(files, digests, source.json_field, str(data_cfg.source))
         else:
             dataset, empty = load_local(files, columns, source.check, str(data_cfg.source))
         provenance = {"source": str(data_cfg.source),
-                      "files": [{"path": str(f), "sha256": sha256_of(f)} for f in files],
+                      "files": [{"path": str(f), "sha256": digests[f]} for f in files],
                       "empty_files": [str(f) for f in empty]}
     else:
         if source.reader == "json_rows":

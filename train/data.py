@@ -43,12 +43,10 @@ class Split:
 
 
 def load_split(data_dir: Path, split: str, limit: int | None, max_seq_len: int) -> Split:
-    examples = load_examples(data_dir, split)
+    examples = load_examples(data_dir, split, limit)
     missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
     if missing:
         raise ValueError(f"{data_dir / split}: missing column(s) {missing}; is it data_prep's output?")
-    if limit is not None:
-        examples = examples.select(range(min(limit, len(examples))))
     if len(examples) == 0:
         raise ValueError(f"{data_dir / split} has no examples")
     table = examples.with_format("arrow").select_columns(["num_tokens", "num_target_tokens", "labels"])[:]

@@ -31,7 +31,7 @@ from data_prep.intents.backends import BACKENDS, Job, Outcome
 from data_prep.intents.checks import intent_problem
 from data_prep.intents.prompt import IntentPrompt
 from core.jsonl import JsonlWriter
-from data_prep.intents.store import check_prompt_unchanged, read_intents
+from data_prep.intents.store import read_intents
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ def fill_store(intents_cfg, conversations) -> dict:
     # ---- what is left to do ------------------------------------------------------------------
     cached = {}
     if path.exists():
-        check_prompt_unchanged(path, version, fingerprint, model)
-        # An intent stored before today's checks that fails them is asked again (the newest row wins).
-        cached = {h: intent for h, intent in read_intents(path, version, model).items() if not intent_problem(intent)}
+        # Rows of this (version, model) made with another prompt text are refused. An intent stored
+        # before today's checks that fails them is asked again (the newest row wins).
+        cached = {h: intent for h, intent in read_intents(path, version, model, fingerprint).items()
+                  if not intent_problem(intent)}
     hashes = conversations["conversation_hash"]
     pending, seen = [], set()
     for i, h in enumerate(hashes):

@@ -36,19 +36,21 @@ def read_store(path: str | Path) -> Iterator[dict]:
         yield row
 
 
-def read_intents(path: str | Path, prompt_version: Optional[str] = None, model: Optional[str] = None
-                 ) -> dict[str, str]:
+def read_intents(path: str | Path, prompt_version: Optional[str] = None, model: Optional[str] = None,
+                 prompt_sha: Optional[str] = None) -> dict[str, str]:
     """Map conversation_hash -> intent.
 
     With prompt_version and model: only the rows generated under that key (the newest row of a
-    conversation wins). Without: every row, and a conversation with two different intents (say,
-    from two prompt versions) is an error, since which one to use cannot be guessed.
+    conversation wins), each checked against `prompt_sha` when given. Without: every row, and a
+    conversation with two different intents (say, from two prompt versions) is an error, since
+    which one to use cannot be guessed.
     """
     if prompt_version is None:
         return intents_of_rows(path, read_store(path), one_intent_each=True)
-    return intents_of_rows(path, (row for row in read_store(path)
-                                  if (row.get("prompt_version"), row.get("model")) == (prompt_version, model)),
-                           one_intent_each=False)
+    rows = (row for row in read_store(path) if (row.get("prompt_version"), row.get("model")) == (prompt_version, model))
+    if prompt_sha is not None:
+        rows = (check_prompt_unchanged(path, row, prompt_sha) for row in rows)
+    return intents_of_rows(path, rows, one_intent_each=False)
 
 
 def read_intents_of_prompt(path: str | Path, prompt_version: str, prompt_sha: str) -> dict[str, str]:
@@ -57,12 +59,13 @@ def read_intents_of_prompt(path: str | Path, prompt_version: str, prompt_sha: st
     rows generated under prompt_version, by any model; a conversation with two different intents
     among them is an error. Rows of other versions are left out and logged; a store with rows of
     other versions only is refused, naming them."""
-    check_prompt_unchanged(path, prompt_version, prompt_sha)
     usable, other_versions = [], Counter()
     for row in read_store(path):
         version = row.get("prompt_version")
-        if version is None or version == prompt_version:
+        if version is None:
             usable.append(row)
+        elif version == prompt_version:
+            usable.append(check_prompt_unchanged(path, row, prompt_sha))
         else:
             other_versions[version] += 1
     if other_versions and not usable:
@@ -77,14 +80,13 @@ def read_intents_of_prompt(path: str | Path, prompt_version: str, prompt_sha: st
     return intents_of_rows(path, usable, one_intent_each=True)
 
 
-def check_prompt_unchanged(path: str | Path, version: str, fingerprint: str, model: Optional[str] = None) -> None:
-    """Refuse rows generated under `version` (by `model`; None: by any) with another prompt text."""
-    for row in read_store(path):
-        if (row.get("prompt_version") == version and (model is None or row.get("model") == model)
-                and row.get("prompt_sha") != fingerprint):
-            raise ValueError(f"{path}: intents of prompt version {version!r} were made with a different prompt "
-                             f"text (fingerprint {row.get('prompt_sha')}, now {fingerprint}): give the edited "
-                             "prompt a new version (intents.prompt.version) instead of reusing them")
+def check_prompt_unchanged(path: str | Path, row: dict, fingerprint: str) -> dict:
+    """`row`, generated under the run's prompt version; refused if made with another prompt text."""
+    if row.get("prompt_sha") != fingerprint:
+        raise ValueError(f"{path}: intents of prompt version {row.get('prompt_version')!r} were made with a different "
+                         f"prompt text (fingerprint {row.get('prompt_sha')}, now {fingerprint}): give the edited "
+                         "prompt a new version (intents.prompt.version) instead of reusing them")
+    return row
 
 
 def intents_of_rows(path, rows: Iterable[dict], one_intent_each: bool) -> dict[str, str]:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from data_prep.chat_format import ASSISTANT, USER
+from data_prep.chat_format import ASSISTANT, SYSTEM, USER
 from data_prep.conversations import make_record, records_batch
 
-SYSTEM, TOOL = "system", "tool"
+TOOL = "tool"   # a tool call's result (SYSTEM: chat_format's role name, the same string)
 TEXT_PARTS = ("text", "input_text", "output_text")
 
 
@@ -121,9 +121,7 @@ def message_records(batch: dict, filters_cfg, data_cfg, list_field: str, message
                 raise Malformed("malformed:message_not_an_object")
             turns, events = chat_turns([message(e) for e in entries])
         except Malformed as malformed:
-            record = make_record(key, [], filters_cfg)
-            record["malformed"] = str(malformed)
-            out.append(record)
+            out.append(make_record(key, [], filters_cfg, malformed=str(malformed)))
             continue
         out.append(make_record(key, turns, filters_cfg, user_id=user, events=events))
     return records_batch(out)

@@ -46,9 +46,8 @@ def records(batch: dict, filters_cfg, data_cfg) -> dict:
     out = []
     for i, key in enumerate(batch[data_cfg.id_field]):
         malformed, turns, events = linearize(batch["conversation_history"][i] or [])
-        record = make_record(key, turns, filters_cfg, user_id=batch["user_id"][i], country="PRISM", events=events)
-        record["malformed"] = malformed or record["malformed"]
-        out.append(record)
+        out.append(make_record(key, turns, filters_cfg, user_id=batch["user_id"][i], country="PRISM", events=events,
+                               malformed=malformed))
     return records_batch(out)
 
 

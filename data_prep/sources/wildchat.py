@@ -23,9 +23,7 @@ def records(batch: dict, filters_cfg, data_cfg) -> dict:
     out = []
     for i, key in enumerate(keys):
         if key is None:
-            record = make_record("", [], filters_cfg)
-            record["malformed"] = f"malformed:null_{data_cfg.id_field}"
-            out.append(record)
+            out.append(make_record("", [], filters_cfg, malformed=f"malformed:null_{data_cfg.id_field}"))
             continue
         conversation = batch["conversation"][i] or []
         first_user = next((t for t in conversation if t["role"] == USER), {})
