@@ -57,6 +57,7 @@ CHARS_PER_TOKEN = 4  # estimate of prompt tokens before the server reports usage
 READ_CHUNK_BYTES = 1 << 16
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 VERDICT = re.compile(r"^\W*(YES|NO)\b", re.IGNORECASE)   # a judge's reply: YES or NO first
+JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)   # the outermost braces of a reply
 REDACTED = "<api key>"
 
 
@@ -437,3 +438,14 @@ def parse_verdict(text: str) -> bool | None:
     Every judge asked through this client (evaluate.judges, evaluate.extrinsic.metrics) reads it so."""
     match = VERDICT.match(text)
     return None if match is None else match.group(1).upper() == "YES"
+
+
+def json_object_in(text: str) -> dict | None:
+    """The JSON object an LLM was asked to reply with, code fences or words around it ignored; None
+    when the reply holds none (evaluate.extrinsic's judge and prompted user read replies so)."""
+    found = JSON_OBJECT.search(text)
+    try:
+        value = json.loads(found.group(0)) if found else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

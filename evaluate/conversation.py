@@ -73,15 +73,20 @@ class Conversation:
         """The record evaluate.simulate writes to transcripts.jsonl (evaluate.transcripts reads it):
         id, intent, turns, ended, end_reason, end_turn, truncated_prompts, then the error fields of
         its end reason."""
-        record = {"id": self.id, "intent": self.intent, "turns": self.turns, "ended": self.end_reason == USER_ENDED,
-                  "end_reason": self.end_reason, "end_turn": self.end_turn, "truncated_prompts": self.truncated_prompts}
+        return {"id": self.id, "intent": self.intent, "turns": self.turns, "ended": self.end_reason == USER_ENDED,
+                "end_reason": self.end_reason, "end_turn": self.end_turn, "truncated_prompts": self.truncated_prompts,
+                **self.error_fields()}
+
+    def error_fields(self) -> dict:
+        """What its end reason records of a failure: `error` (intent_too_long), `assistant_error` and
+        its reason, `user_error` and its reason; {} for the other end reasons."""
         if self.end_reason == INTENT_TOO_LONG:
-            record["error"] = self.error
+            return {"error": self.error}
         if self.end_reason == ASSISTANT_ERROR:
-            record.update(assistant_error=self.assistant_error, assistant_error_reason=self.assistant_error_reason)
+            return {"assistant_error": self.assistant_error, "assistant_error_reason": self.assistant_error_reason}
         if self.end_reason == USER_ERROR:
-            record.update(user_error=self.user_error, user_error_reason=self.user_error_reason)
-        return record
+            return {"user_error": self.user_error, "user_error_reason": self.user_error_reason}
+        return {}
 
 
 StopRule = Callable[[Conversation], "str | None"]   # after every turn added: an end reason ends it

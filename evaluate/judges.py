@@ -27,7 +27,7 @@ from typing import Sequence
 import datasets
 
 from core.llm_client import LLMClient, RequestFailed, parse_verdict
-from evaluate.conversation import ASSISTANT_ERROR, INTENT_TOO_LONG, USER_ENDED, max_user_turns, run_conversations
+from evaluate.conversation import USER_ENDED, max_user_turns, run_conversations
 from evaluate.simulator import UserSimulator
 
 SCHEMAS = {  # item kind -> fields every row must have
@@ -69,8 +69,8 @@ def converse(simulator: UserSimulator, assistant, items: Sequence[dict], intent_
     """User turn 1, the assistant's reply, user turn 2, for every item (each step batched): the
     conversation runner (evaluate.conversation) stopped right after the second user turn. Records
     in the items' order: item, intent, turns ({role, content}), ended_at (the user turn that ended
-    the conversation, or None), and assistant_error or error where the assistant failed or the
-    intent did not fit."""
+    the conversation, or None), and the failure's fields where the assistant or user failed or the
+    intent did not fit (Conversation.error_fields)."""
     intents = [intent_template.format(**item) for item in items]
     conversations = run_conversations(simulator, assistant, enumerate(intents), max_user_turns(2, answered=False),
                                       end_allowed_after, pool_size=len(items))   # every item in each batch
@@ -78,13 +78,8 @@ def converse(simulator: UserSimulator, assistant, items: Sequence[dict], intent_
     records = []
     for number, (item, intent) in enumerate(zip(items, intents)):
         c = finished[number]
-        record = {"item": item, "intent": intent, "turns": c.messages(),
-                  "ended_at": c.user_turns + 1 if c.end_reason == USER_ENDED else None}
-        if c.end_reason == ASSISTANT_ERROR:
-            record["assistant_error"] = c.assistant_error
-        if c.end_reason == INTENT_TOO_LONG:
-            record["error"] = c.error
-        records.append(record)
+        records.append({"item": item, "intent": intent, "turns": c.messages(),
+                        "ended_at": c.user_turns + 1 if c.end_reason == USER_ENDED else None, **c.error_fields()})
     return records
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from evaluate.extrinsic.tasks import (CODE, HUB_DATASET, HUB_FILENAME, MATH, PAPER_PER_KIND, SAMPLE_TASKS, CodeTest,
+from evaluate.extrinsic.tasks import (CODE, HUB_DATASET, HUB_FILENAME, MATH, SAMPLE_TASKS, CodeTest,
                                       Shard, TaskDataError, TasksConfig, load_tasks)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,12 +83,18 @@ def test_selection_is_seeded_and_independent_of_the_file_order(tmp_path):
     limited = load_tasks(tasks_cfg(FIXTURE, limit=3))
     assert [t.task_id for t in limited.tasks] == ["sharded-GSM8K/fixture-0", "sharded-HumanEval/fixture-0",
                                                   "sharded-GSM8K/fixture-1"]
-    assert PAPER_PER_KIND == {"math": 33, "code": 32} and sum(PAPER_PER_KIND.values()) == 65
+    assert paper_per_kind() == {"math": 33, "code": 32} and sum(paper_per_kind().values()) == 65
+
+
+def paper_per_kind() -> dict:
+    import evaluate.extrinsic.config  # noqa: F401  (registers the schema)
+    from scripts.hydra_compose import compose_config
+    return dict(compose_config("extrinsic", ["experiment=paper"]).tasks.per_kind)
 
 
 def test_selection_errors():
     with pytest.raises(TaskDataError, match=r"per_kind.math=33, but 4 math tasks were loaded"):
-        load_tasks(tasks_cfg(FIXTURE, per_kind=PAPER_PER_KIND))
+        load_tasks(tasks_cfg(FIXTURE, per_kind=paper_per_kind()))
     with pytest.raises(TaskDataError, match=r"per_kind: \['summary'\] not among tasks.kinds"):
         load_tasks(tasks_cfg(FIXTURE, per_kind={"summary": 1}))
     with pytest.raises(TaskDataError, match="limit=0"):

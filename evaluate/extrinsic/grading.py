@@ -33,7 +33,6 @@ its reply is known to be an attempt, so code runs overlap the remaining judge re
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +42,7 @@ from typing import Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from core.llm_client import ClientConfig, LLMClient, RequestFailed
+from core.llm_client import ClientConfig, LLMClient, RequestFailed, json_object_in
 from evaluate.extrinsic.code_exec import CodeExecConfig, ExecResult, run_code_tests
 from evaluate.extrinsic.tasks import CODE, MATH, Task
 
@@ -53,7 +52,6 @@ GSM8K_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")   # lm-eval-harness's 
 FENCED_BLOCK = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.IGNORECASE | re.DOTALL)
 TOP_LEVEL_DEF = re.compile(r"^(?:async\s+)?def\s+\w+\s*\(", re.MULTILINE)
 DEFINES_FUNCTION = re.compile(r"^\s*(?:async\s+)?def\s+\w+\s*\(", re.MULTILINE)
-JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 LABELS = ("answer_attempt", "clarification", "interrogation", "discussion", "hedge", "refuse", "missing")
 JUDGE_MAX_TOKENS = 300
 
@@ -162,12 +160,8 @@ def judge_messages(task: Task, reply: str) -> list[dict]:
 
 def parse_judge(text: str) -> tuple[str, str | None] | None:
     """(label, answer) of a judge reply; None when it is not the JSON object asked for."""
-    found = JSON_OBJECT.search(text)
-    try:
-        verdict = json.loads(found.group(0)) if found else None
-    except ValueError:
-        return None
-    if not isinstance(verdict, dict) or verdict.get("label") not in LABELS:
+    verdict = json_object_in(text)
+    if verdict is None or verdict.get("label") not in LABELS:
         return None
     answer = verdict.get("answer")
     return verdict["label"], (str(answer).strip() if answer is not None else None)

@@ -63,8 +63,8 @@ from core.llm_client import check_config_key_names
 from data_prep.chat_format import ASSISTANT, USER
 from evaluate.assistants import describe, make_assistant, with_system_prompt
 from evaluate.config import result_name
-from evaluate.conversation import (ASSISTANT_ERROR, INTENT_TOO_LONG, USER_ENDED, USER_ERROR, Conversation,
-                                   max_user_turns, run_conversations)
+from evaluate.conversation import (ASSISTANT_ERROR, USER_ENDED, USER_ERROR, Conversation, max_user_turns,
+                                   run_conversations)
 from evaluate.extrinsic.grading import Grader
 from evaluate.extrinsic.metrics import extrinsic_metrics, make_judge
 from evaluate.extrinsic.tasks import Task, load_tasks
@@ -147,14 +147,7 @@ def record(conversation: Conversation, item: Item, user_kind: str) -> dict:
         row["truncated_prompts"] = conversation.truncated_prompts
     if conversation.end_reason == USER_ENDED:
         row["end_turn"] = conversation.end_turn
-    if conversation.end_reason == INTENT_TOO_LONG:
-        row["error"] = conversation.error
-    if conversation.end_reason == ASSISTANT_ERROR:
-        row.update(assistant_error=conversation.assistant_error,
-                   assistant_error_reason=conversation.assistant_error_reason)
-    if conversation.end_reason == USER_ERROR:
-        row.update(user_error=conversation.user_error, user_error_reason=conversation.user_error_reason)
-    return row
+    return {**row, **conversation.error_fields()}
 
 
 def describe_user(cfg) -> dict:

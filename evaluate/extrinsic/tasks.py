@@ -37,9 +37,10 @@ selected tasks are then listed kind by kind in turn (math, code, math, ...), eac
 order, and `tasks.limit` keeps the first `limit`, so a small limit still holds both kinds.
 
 The paper's 65 task intents: the UserLM paper does not publish how they split between math and
-code. `PAPER_PER_KIND` takes 33 math and 32 code tasks: an even split (LiC's file holds comparable
-numbers of GSM8K- and HumanEval-derived tasks, and the paper reports both kinds side by side), the
-odd task going to math, the kind whose grading needs no code execution.
+code. The paper preset (conf/extrinsic/experiment/paper.yaml, `tasks.per_kind`) takes 33 math and
+32 code tasks: an even split (LiC's file holds comparable numbers of GSM8K- and HumanEval-derived
+tasks, and the paper reports both kinds side by side), the odd task going to math, the kind whose
+grading needs no code execution.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ class CodeSource(StrEnum):
 
 
 MATH, CODE = TaskKind.math, TaskKind.code
-PAPER_PER_KIND = {MATH.value: 33, CODE.value: 32}   # the paper's 65 intents (split: see the docstring)
 
 
 @dataclass
@@ -91,7 +91,7 @@ class TasksConfig:
     code_sources: list[CodeSource] = MISSING  # code tasks kept by origin (paper: [humaneval])
     limit: Optional[int] = MISSING           # the first N selected tasks only (null: all)
     per_kind: Optional[dict[str, int]] = MISSING  # {math: N, code: M} drawn per kind (null: all);
-                                             # the paper's 65: PAPER_PER_KIND
+                                             # the paper's 65: its preset's
     seed: int = MISSING                      # seeds the per_kind draw
 
 

@@ -30,20 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from core.llm_client import LLMClient, RequestFailed
+from core.llm_client import LLMClient, RequestFailed, json_object_in
 from data_prep.chat_format import USER
+from evaluate.extrinsic.config import UserKind
 from evaluate.extrinsic.tasks import Task
 from evaluate.simulator import TurnRequest, UserSimulator
 
-USER_LM, PROMPTED_LLM, VERBATIM_SHARDS = "user_lm", "prompted_llm", "verbatim_shards"
+USER_LM, PROMPTED_LLM, VERBATIM_SHARDS = UserKind.user_lm, UserKind.prompted_llm, UserKind.verbatim_shards
 MALFORMED_REPLY = "malformed_reply"   # the user_error reason when every try was not the JSON asked for
 NO_SHARD = (None, -1, 0)              # shard_id values that reveal no shard
-JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
 def derive_seed(*parts) -> int:
@@ -114,12 +112,8 @@ def parse_user_reply(text: str, shard_ids: set[int]) -> tuple[str, int | None] |
     """(message, shard id or None) from the prompted user's reply: the JSON object in it (code fences
     or words around it are ignored), with a non-empty string `response` and a `shard_id` that is one
     of the task's or none (-1, 0, null). None when the reply is not that."""
-    match = JSON_OBJECT.search(text)
-    try:
-        reply = json.loads(match.group(0)) if match else None
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(reply, dict):
+    reply = json_object_in(text)
+    if reply is None:
         return None
     message, shard_id = reply.get("response"), reply.get("shard_id")
     if not isinstance(message, str) or not message.strip():
@@ -216,12 +210,10 @@ class PromptedLLMUser:
 
 def make_user(cfg, tasks: Mapping[str, Task], seeds: Mapping[str, int]):
     """The user that `cfg.user` describes; `tasks` and `seeds` by conversation id."""
-    kind = str(cfg.user.kind)
+    kind = cfg.user.kind   # a UserKind: the schema refuses any other at composition
     if kind == USER_LM:
         lm = cfg.user.user_lm
         return UserSimulator.from_config(lm.model, lm.sampling, lm.guardrails)
     if kind == PROMPTED_LLM:
         return PromptedLLMUser(cfg.user.prompted_llm, tasks, seeds)
-    if kind == VERBATIM_SHARDS:
-        return VerbatimShardsUser(tasks)
-    raise ValueError(f"user.kind={kind!r}: expected {USER_LM}, {PROMPTED_LLM} or {VERBATIM_SHARDS}")
+    return VerbatimShardsUser(tasks)
