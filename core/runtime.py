@@ -58,11 +58,12 @@ def load_tokenizer(name_or_path, revision: str | None = None, trust_remote_code:
 def load_model(auto_class, name_or_path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                revision: str | None = None, trust_remote_code: bool = False):
     """A model of `auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...) for
-    inference: in `dtype` on `device`, eval mode."""
+    inference: in `dtype` on `device`, eval mode. The weights load straight onto the device
+    (device_map), never as a whole copy in host memory first (16 GB for an 8B model in bf16)."""
     device = resolve_device(device)
     model = auto_class.from_pretrained(name_or_path, revision=revision, dtype=resolve_dtype(dtype, device),
-                                       trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+                                       device_map=device, trust_remote_code=trust_remote_code)
+    return model.eval()
 
 
 def load_causal_lm(name_or_path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",

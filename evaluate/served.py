@@ -56,8 +56,7 @@ class ServedTurnSampler:
         # typed even from a saved config.yaml read without the schema (evaluate.intrinsic reads the simulation's)
         self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServedUserConfig), served_cfg))
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, seed
-        vocabulary = tokenizer.get_vocab()
-        self.end_token_id = vocabulary.get(END_CONVERSATION)
+        self.end_token_id = tokenizer.get_vocab().get(END_CONVERSATION)
         self.drawn = Counter()   # prompt digest -> requests made for it (a fresh seed each time)
 
     def request_params(self, prompt: Sequence[int], forbid_end: bool) -> dict:

@@ -69,8 +69,8 @@ class SamplingSettings:
 
     @classmethod
     def card(cls) -> "SamplingSettings":
-        """microsoft/UserLM-8b's model card snippet: top_p 0.8, temperature 1.0."""
-        return cls(**sampling_preset("card"))
+        """microsoft/UserLM-8b's model card snippet: top_p 0.8, temperature 1.0 (the defaults)."""
+        return cls(**CARD_SAMPLING)
 
     @classmethod
     def generation_config(cls) -> "SamplingSettings":
@@ -228,7 +228,7 @@ class UserSimulator:
             raise ValueError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
                              f"the user LM's context of {context} tokens")
         vocabulary = self.tokenizer.get_vocab()
-        self.end_token_id = vocabulary.get(END_CONVERSATION) if END_CONVERSATION in vocabulary else None
+        self.end_token_id = vocabulary.get(END_CONVERSATION)
         first_words = FirstWordBan(self.tokenizer, guardrails.first_words) if guardrails.first_word else None
         if sampler is None:
             stops = stop_token_ids(protocol, model)
