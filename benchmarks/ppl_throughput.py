@@ -52,14 +52,15 @@ def load_model(name: str, dtype: torch.dtype, device: str, tokenizer):
 
 
 def data_dir_and_tokenizer(args):
-    """--data-dir with its tokenizer, or the sample prepared with --tokenizer (default llama3)."""
+    """--data-dir with its tokenizer, or the sample prepared with --tokenizer (default llama3); and
+    the tokenizer's name for the results file ("data" for --data-dir's)."""
     if args.data_dir is not None:
         if args.tokenizer is not None:
             raise SystemExit("--data-dir brings its own tokenizer (<data dir>/tokenizer): drop --tokenizer")
-        data_dir = args.data_dir
+        data_dir, name = args.data_dir, "data"
     else:
-        data_dir = prepared_sample(args.tokenizer or "llama3")
-    return data_dir, AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+        data_dir, name = prepared_sample(args.tokenizer or "llama3"), Path(args.tokenizer or "llama3").name
+    return data_dir, AutoTokenizer.from_pretrained(data_dir / "tokenizer"), name
 
 
 def synchronize(device: str) -> None:
@@ -90,10 +91,10 @@ def main() -> None:
 
     if args.max_tokens_per_batch is None:
         args.max_tokens_per_batch = 16384 if args.device.startswith("cuda") else 4096
-    data_dir, tokenizer = data_dir_and_tokenizer(args)
+    data_dir, tokenizer, tokenizer_name = data_dir_and_tokenizer(args)
     conversations = load_conversations(data_dir, args.split, args.limit).to_list()
     model = load_model(args.model, dtype, args.device, tokenizer)
-    in_vocabulary = tokenizer.convert_tokens_to_ids("<|endconversation|>") < model.get_input_embeddings().num_embeddings
+    in_vocabulary = tokenizer.convert_tokens_to_ids(END_CONVERSATION) < model.get_input_embeddings().num_embeddings
     protocol = make_protocol("userlm", tokenizer, end_token="token" if in_vocabulary else "plain_text",
                              pad_token=PAD_TOKEN)
     parameters = sum(p.numel() for p in model.parameters())
@@ -127,7 +128,6 @@ def main() -> None:
     report["ppl_relative_difference"] = abs(conversation["ppl"] - turn["ppl"]) / turn["ppl"]
     print(f"per_conversation / per_turn forward tokens: {report['forward_token_ratio']} (goal <= 0.4); "
           f"speedup {report['speedup']}x; PPL relative difference {report['ppl_relative_difference']:.2e}")
-    tokenizer_name = "data" if args.data_dir is not None else Path(args.tokenizer or "llama3").name
     out = args.out or Path("benchmarks/results") / f"ppl_throughput-{Path(args.model).name}-{tokenizer_name}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -102,7 +102,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data_dir, tokenizer = data_dir_and_tokenizer(args)
+    data_dir, tokenizer, tokenizer_name = data_dir_and_tokenizer(args)
     model = load_model(args.model, dtype, args.device, tokenizer)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -142,7 +142,6 @@ def main() -> None:
             if server is not None:
                 server.terminate()
                 server.wait(30)
-    tokenizer_name = "data" if args.data_dir is not None else Path(args.tokenizer or "llama3").name
     out = args.out or (Path("benchmarks/results") /
                        f"simulate_throughput-{Path(args.model).name}-{tokenizer_name}-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
