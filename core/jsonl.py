@@ -20,6 +20,7 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 FSYNC_INTERVAL_S = 0.5
+TAIL_BLOCK_BYTES = 1 << 16   # read back from the end of a file to find its last line
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
@@ -55,19 +56,30 @@ class JsonlWriter:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return 0
         with open(self.path, "rb+") as f:
-            data = f.read()
-            if data.endswith(b"\n"):
+            size = f.seek(0, os.SEEK_END)
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
                 return 0
-            keep = data.rfind(b"\n") + 1
+            # Only the last line is read: back from the end, a block at a time, to its start.
+            start = size
+            while start > 0:
+                step = min(TAIL_BLOCK_BYTES, start)
+                f.seek(start - step)
+                block = f.read(step)
+                start -= step
+                if (newline := block.rfind(b"\n")) >= 0:
+                    start += newline + 1
+                    break
+            f.seek(start)
+            tail = f.read()
             try:  # cut exactly between the row and its newline: the row is whole, keep it
-                json.loads(data[keep:])
+                json.loads(tail)
                 f.write(b"\n")
                 return 0
             except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
-            log.warning("%s: cutting a torn last line of %d bytes (an interrupted write)", self.path,
-                        len(data) - keep)
-            f.truncate(keep)
+            log.warning("%s: cutting a torn last line of %d bytes (an interrupted write)", self.path, len(tail))
+            f.truncate(start)
             f.flush()
             os.fsync(f.fileno())
         return 1
