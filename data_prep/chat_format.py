@@ -1,23 +1,34 @@
-"""UserLM-8b's chat format: the one module that renders, tokenizes and masks it.
+"""The chat formats of a user LM: the one module that renders, tokenizes and masks them.
 
-data_prep, train and evaluate all import this module; nothing else spells out the format.
-
-The format (UserLM-8b's published chat template; docs/reproduction.md, section 3):
+data_prep, train and evaluate all import this module; nothing else spells out a format. Two
+formats share one flipped layout (docs/reproduction.md, section 3; `chat_format=userlm|chatml`):
 - no BOS token;
-- each message is  <|start_header_id|>ROLE<|end_header_id|> + "\\n" + content + <|eot_id|>,
-  with the real roles: system (the task intent), user, assistant;
-- a prompt always ends with  <|start_header_id|>user<|end_header_id|>  (no newline), so a
-  generated user turn is "\\n" + text + <|eot_id|> and the end of a conversation is
-  "\\n<|endconversation|><|eot_id|>".
+- each message is a header (ROLE between the format's header strings), "\\n" + content, the
+  format's end-of-turn token, and the format's separator; the roles are the real ones: system
+  (the task intent), user, assistant;
+- a prompt always ends with the user header (no newline), so a generated user turn is
+  "\\n" + text + end-of-turn, and the end of a conversation is "\\n<|endconversation|>" + end-of-turn,
+  <|endconversation|> being one added, non-special token.
+
+`userlm`: UserLM-8b's published Llama-3 format, byte for byte:
+    <|start_header_id|>system<|end_header_id|>\\nINTENT<|eot_id|><|start_header_id|>user<|end_header_id|>
+`chatml`: the same layout in the ChatML convention of Qwen2.5/Qwen3 (and many others), every message
+    exactly as Qwen's own template writes it, and the prompt ending in the bare user header:
+    <|im_start|>system\\nINTENT<|im_end|>\\n<|im_start|>user
+  (the user LM writes the newline after its header, as in `userlm`). Its pad is <|endoftext|>;
+  a base tokenizer that lacks <|im_start|>, <|im_end|> or <|endoftext|> gets them as special tokens.
 
 Two renderings exist of necessity: the Jinja template that tokenizers carry (for inference with
 `apply_chat_template`, as in UserLM-8b's published snippet) and the token-level assembly below (for
 data preparation at scale, where each message is tokenized once). Both are built from the same
-constants, and tests/test_chat_format.py proves that they agree token for token.
+strings, and tests/test_chat_format.py proves that they agree token for token, for both formats.
+A prepared tokenizer names its format by the template it carries (`format_of`): train and evaluate
+read the format from data_prep's saved tokenizer, never from a setting of their own.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
@@ -28,19 +39,19 @@ from tokenizers import AddedToken
 
 from core import artifacts
 
+log = logging.getLogger(__name__)
+
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 END_CONVERSATION = "<|endconversation|>"
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
+IM_START, IM_END, IM_END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
-# Strings that must never occur inside message content: tokenizing them would create control
-# tokens, and the text would no longer round-trip. data_prep drops (and counts) such rows.
-CONTROL_STRINGS = (START_HEADER, END_HEADER, EOT, END_CONVERSATION, BEGIN_OF_TEXT, END_OF_TEXT)
 IGNORE_INDEX = -100  # label of a token that carries no loss
-# The pad token prepare_tokenizer installs: a token Llama-3's vocabulary reserves, never the EOS.
+# The pad token the userlm format installs: a token Llama-3's vocabulary reserves, never the EOS.
 PAD_TOKEN = "<|reserved_special_token_0|>"
 # Every task intent opens with this (data_prep's intent checks, evaluate's overlap and repetition
 # rules, the adherence intents); conf/ refers to it as ${chat_format:INTENT_PREFIX}.
@@ -53,57 +64,129 @@ class FlipMode(StrEnum):
     per_conversation = auto()   # every user turn of a conversation in one sequence (windows when long)
 
 
-# Llama-3's other special tokens (3.0 reserves 251, 3.1 and 3.2 name some): text holding one is
-# tokenized as that token, and <|reserved_special_token_0|> is the pad.
-LLAMA3_SPECIAL_TOKEN = re.compile(r"<\|(?:reserved_special_token_\d+|finetune_right_pad_id|eom_id|python_tag|"
-                                  r"step_id|image)\|>")
+@dataclass(frozen=True)
+class ChatFormat:
+    """One chat format's strings; everything else (template, assembly, checks) is built from them."""
+    name: str
+    header_start: str          # a message's header is header_start + role + header_end
+    header_end: str
+    end_of_turn: str           # closes every message; the EOS of a prepared tokenizer
+    separator: str             # text after end_of_turn, before the next header (no loss on it)
+    pad_token: str             # the default pad: never the EOS
+    stop_tokens: tuple[str, ...]   # the turn ends a generation stops at (end_of_turn first)
+    # Tokens a base tokenizer must already have (a userlm base is a Llama-3 tokenizer), and tokens
+    # prepare_tokenizer adds as special ones when missing (chatml suits any base model).
+    required_tokens: tuple[str, ...]
+    added_special_tokens: tuple[str, ...]
+    # Strings that must never occur inside message content: tokenizing them would create control
+    # tokens, and the text would no longer round-trip. data_prep drops (and counts) such rows.
+    control_strings: tuple[str, ...]
+    # The family's other special tokens, which a tokenizer would also read as one control token.
+    other_special: re.Pattern
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja template prepare_tokenizer installs: the messages, then the user header,
+        whatever add_generation_prompt says (as UserLM-8b's template)."""
+        separator = self.separator.replace("\n", "\\n")
+        return ("{%- for message in messages -%}"
+                "{{- '" + self.header_start + "' + message['role'] + '" + self.header_end + "\\n' + "
+                "message['content'] + '" + self.end_of_turn + separator + "' -}}"
+                "{%- endfor -%}"
+                "{{- '" + self.header_start + USER + self.header_end + "' -}}")
+
+    def find_control_string(self, text: str) -> str | None:
+        """The first control string (or other special token of the family) that `text` holds, or None."""
+        found = next((s for s in self.control_strings if s in text), None)
+        if found is None and "<|" in text:
+            match = self.other_special.search(text)
+            found = match.group() if match else None
+        return found
 
 
-def find_control_string(text: str) -> str | None:
-    """The first of CONTROL_STRINGS (or of Llama-3's other special tokens) that `text` holds, or
-    None: the one check for every message content, turns and intents alike (an intent holding
-    <|eot_id|><|start_header_id|>... would otherwise become real header tokens in the system
-    message, and a turn holding the pad token's text would train on the pad id)."""
-    found = next((s for s in CONTROL_STRINGS if s in text), None)
-    if found is None and "<|" in text:
-        match = LLAMA3_SPECIAL_TOKEN.search(text)
-        found = match.group() if match else None
-    return found
+USERLM = ChatFormat(
+    "userlm", START_HEADER, END_HEADER, EOT, "", PAD_TOKEN, (EOT, END_OF_TEXT),
+    required_tokens=(START_HEADER, END_HEADER, EOT), added_special_tokens=(),
+    control_strings=(START_HEADER, END_HEADER, EOT, END_CONVERSATION, BEGIN_OF_TEXT, END_OF_TEXT),
+    # Llama-3's other special tokens (3.0 reserves 251, 3.1 and 3.2 name some): text holding one is
+    # tokenized as that token, and <|reserved_special_token_0|> is the pad.
+    other_special=re.compile(r"<\|(?:reserved_special_token_\d+|finetune_right_pad_id|eom_id|python_tag|"
+                             r"step_id|image)\|>"))
+CHATML = ChatFormat(
+    "chatml", IM_START, "", IM_END, "\n", IM_END_OF_TEXT, (IM_END, IM_END_OF_TEXT),
+    required_tokens=(), added_special_tokens=(IM_START, IM_END, IM_END_OF_TEXT),
+    control_strings=(IM_START, IM_END, IM_END_OF_TEXT, END_CONVERSATION),
+    # Qwen's other special tokens (<|fim_prefix|>, <|vision_start|>, <|box_end|>, ...) share this shape.
+    other_special=re.compile(r"<\|[a-z_]+\|>"))
+FORMATS = {f.name: f for f in (USERLM, CHATML)}
 
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '" + START_HEADER + "' + message['role'] + '" + END_HEADER + "\\n' + message['content'] + '"
-    + EOT + "' -}}"
-    "{%- endfor -%}"
-    # UserLM-8b's template ends every prompt with the user header, whatever add_generation_prompt says.
-    "{{- '" + START_HEADER + USER + END_HEADER + "' -}}"
-)
+def get_format(name: str) -> ChatFormat:
+    if name not in FORMATS:
+        raise ValueError(f"chat_format={name!r}: expected one of {', '.join(FORMATS)}")
+    return FORMATS[name]
 
 
-def prepare_tokenizer(tokenizer, pad_token: str):
-    """Make a (Llama-3 style) tokenizer speak UserLM-8b's format, in place, and return it.
+def format_of(tokenizer) -> ChatFormat | None:
+    """The format whose template `tokenizer` carries (one prepare_tokenizer made), or None."""
+    return next((f for f in FORMATS.values() if tokenizer.chat_template == f.chat_template), None)
 
-    Adds <|endconversation|> as one non-special token (so `skip_special_tokens` keeps it), installs
-    the chat template, makes <|eot_id|> the EOS and sets a pad token that is not the EOS. Idempotent.
+
+def find_any_control_string(text: str) -> str | None:
+    """A control string of any format, or None: the rule for intents, which serve every format alike
+    (an intent holding <|eot_id|><|start_header_id|>... would otherwise become real header tokens
+    in the system message)."""
+    return next((found for f in FORMATS.values() if (found := f.find_control_string(text))), None)
+
+
+def prepare_tokenizer(tokenizer, chat_format: ChatFormat, pad_token: str | None = None):
+    """Make a tokenizer speak `chat_format`, in place, and return it.
+
+    Adds <|endconversation|> as one non-special token (so `skip_special_tokens` keeps it), and the
+    format's missing special tokens; installs the chat template, makes the format's end of turn the
+    EOS and sets a pad token (default: the format's) that is not the EOS. Idempotent.
     Adding tokens grows the vocabulary: the model's embeddings must be resized to match
     (train.model.load_model does that).
     """
     vocab = tokenizer.get_vocab()
-    for required in (START_HEADER, END_HEADER, EOT):
+    for required in chat_format.required_tokens:
         if required not in vocab:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no {required} token: "
-                             "UserLM's format needs a Llama-3 tokenizer")
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no {required} token: the "
+                             f"{chat_format.name} format needs a Llama-3 tokenizer (chat_format=chatml suits any base)")
+    missing = [token for token in chat_format.added_special_tokens if token not in vocab]
+    if missing:
+        log.info("adding %s to tokenizer %s as special tokens (new embedding rows)", missing, tokenizer.name_or_path)
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in missing],
+                             special_tokens=True)
     if END_CONVERSATION not in vocab:
         tokenizer.add_tokens([AddedToken(END_CONVERSATION, special=False, normalized=False)])
-    if pad_token == EOT:
-        raise ValueError("pad_token must differ from the EOS token <|eot_id|>")
+    pad_token = pad_token or chat_format.pad_token
+    if pad_token == chat_format.end_of_turn:
+        raise ValueError(f"pad_token must differ from the EOS token {chat_format.end_of_turn}")
     if pad_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"pad_token": pad_token})
     tokenizer.pad_token = pad_token
-    tokenizer.eos_token = EOT
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.eos_token = chat_format.end_of_turn
+    tokenizer.chat_template = chat_format.chat_template
+    check_assembly(tokenizer)
     return tokenizer
+
+
+# Content that a tokenizer could merge across a header, body or separator boundary if the assembly
+# were wrong for it: leading spaces and newlines, trailing whitespace, a character outside ASCII.
+_PROBE_TURNS = [{"role": USER, "content": "  hi\nthere "}, {"role": ASSISTANT, "content": "\n\nHello 🙂\n"},
+                {"role": USER, "content": "ok"}, {"role": ASSISTANT, "content": " sure"}]
+
+
+def check_assembly(tokenizer) -> None:
+    """Raise unless ChatEncoder's token assembly equals tokenizing the installed template's text, on a
+    probe conversation: a base tokenizer whose pre-tokenizer merges across those boundaries (one that
+    adds a dummy prefix to every piece, say) cannot be prepared by token-level assembly."""
+    messages = conversation_messages(INTENT_PREFIX + " check the format.", _PROBE_TURNS, ended=True)
+    rendered = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    if ChatEncoder(tokenizer).prompt_ids(messages) != rendered:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: the {format_of(tokenizer).name} format assembled "
+                         "message by message does not tokenize like its rendered text; this tokenizer cannot be used")
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
@@ -182,8 +265,19 @@ class Example:
     target_turn: list[int] = field(default_factory=list)
     truncated: bool = False
 
-    def add_cut(self, part: "_Part", budget: int) -> None:
+    def add_message(self, part: "_Part", separator: list[int], context: bool = False) -> None:
+        """Add a whole message: the separator when a message precedes it, its header, its body
+        (labelled when the message is a target, unless it is `context` here)."""
+        if self.input_ids:
+            self.add(separator, None)
+        self.add(part.header, None)
+        self.add(part.body, None if context else part.target)
+
+    def add_cut(self, part: "_Part", budget: int, separator: list[int]) -> None:
         """Add a message that alone exceeds `budget` tokens, keeping the beginning of its body."""
+        if self.input_ids:
+            self.add(separator, None)
+            budget -= len(separator)
         self.add(part.header, None)
         self.add(part.body[:max(budget - len(part.header), 0)], part.target)
         self.truncated = True
@@ -207,28 +301,38 @@ class Example:
 
 
 class ChatEncoder:
-    """Token-level assembly of the chat format for one tokenizer.
+    """Token-level assembly of a prepared tokenizer's chat format (format_of).
 
-    Each message is tokenized once as its *body*, "\\n" + content + <|eot_id|>; the header before
-    it is a fixed token list per role. Headers and bodies are split at special tokens, which every
-    HF tokenizer treats as hard boundaries, so the concatenation equals tokenizing the rendered text.
+    Each message is tokenized once as its *body*, "\\n" + content + end of turn; the header before
+    it is a fixed token list per role, and the separator between messages a fixed list too. Headers,
+    bodies and separators are split at special tokens (or, for chatml's role names, where every
+    byte-level pre-tokenizer splits letters from a newline), so their concatenation equals
+    tokenizing the rendered text. Lengths are budgeted with a separator before every message (one
+    token more than needed for a sequence's first message when it has no system message).
     """
 
     def __init__(self, tokenizer):
+        chat_format = format_of(tokenizer)
+        if chat_format is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} carries neither the userlm nor the chatml "
+                             "chat template: use data_prep's saved tokenizer, or data_prep.chat_format.prepare_tokenizer")
         self.tokenizer = tokenizer
-        self.header_ids = {role: self._encode(START_HEADER + role + END_HEADER) for role in ROLES}
-        self.eot_id = tokenizer.convert_tokens_to_ids(EOT)
+        self.format = chat_format
+        self.header_ids = {role: self._encode(chat_format.header_start + role + chat_format.header_end)
+                           for role in ROLES}
+        self.eot_id = tokenizer.convert_tokens_to_ids(chat_format.end_of_turn)
+        self.separator_ids = self._encode(chat_format.separator) if chat_format.separator else []
 
     def system_fits(self, system_tokens: int, max_seq_len: int) -> bool:
         """Whether a system message of `system_tokens` tokens (header included) leaves room in
-        max_seq_len for at least one user turn: its header, a newline and <|eot_id|>, twice."""
-        return system_tokens + 2 * (len(self.header_ids[USER]) + 1) <= max_seq_len
+        max_seq_len for at least one user turn: separator, header, a newline and the end of turn, twice."""
+        return system_tokens + 2 * (len(self.separator_ids) + len(self.header_ids[USER]) + 1) <= max_seq_len
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_bodies(self, contents: Sequence[str]) -> list[list[int]]:
-        """Body token ids ("\\n" + content + <|eot_id|>) of many messages in one batched call."""
+        """Body token ids ("\\n" + content + end of turn) of many messages in one batched call."""
         if not contents:  # (a tokenizer call on an empty batch raises)
             return []
         encoded = self.tokenizer(["\n" + c for c in contents], add_special_tokens=False)["input_ids"]
@@ -239,7 +343,7 @@ class ChatEncoder:
         bodies = self.encode_bodies([m["content"] for m in messages])
         ids: list[int] = []
         for message, body in zip(messages, bodies):
-            ids += self.header_ids[message["role"]] + body
+            ids += self.header_ids[message["role"]] + body + self.separator_ids
         return ids + self.header_ids[USER]
 
     def prompt_ids_within(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
@@ -247,11 +351,11 @@ class ChatEncoder:
 
         The rule of flip's per_turn history: the system message (the intent) stays, the oldest
         whole messages go first; a newest message that does not fit even alone keeps the beginning
-        of its body, closed by <|eot_id|> (nothing of it when not even its header fits). ValueError
-        when the system message and the user header alone exceed max_tokens.
+        of its body, closed by its end of turn (nothing of it when not even its header fits).
+        ValueError when the system message and the user header alone exceed max_tokens.
         """
         bodies = self.encode_bodies([m["content"] for m in messages])
-        parts = [self.header_ids[m["role"]] + body for m, body in zip(messages, bodies)]
+        parts = [self.header_ids[m["role"]] + body + self.separator_ids for m, body in zip(messages, bodies)]
         has_system = bool(messages) and messages[0]["role"] == SYSTEM
         system, turns = (parts[0], parts[1:]) if has_system else ([], parts)
         budget = max_tokens - len(system) - len(self.header_ids[USER])
@@ -262,9 +366,9 @@ class ChatEncoder:
         kept = [token for part in turns[start:] for token in part]
         if start == len(turns) and turns:
             header = self.header_ids[messages[-1]["role"]]
-            room = budget - len(header) - 1  # the cut body's own <|eot_id|>
+            room = budget - len(header) - 1 - len(self.separator_ids)  # the cut body's own end of turn
             if room > 0:
-                kept = header + bodies[-1][:-1][:room] + [self.eot_id]
+                kept = header + bodies[-1][:-1][:room] + [self.eot_id] + self.separator_ids
         return system + kept + self.header_ids[USER], start > 0
 
     def flip(self, messages: Sequence[dict], mode: FlipMode, max_seq_len: int,
@@ -276,12 +380,13 @@ class ChatEncoder:
         mode "per_turn": one example per target message (the paper's K+1 samples), its context
             the messages before it. Over max_seq_len the system message stays, the oldest whole
             messages of history are dropped, and a target that alone does not fit is cut (keeping
-            its beginning, without <|eot_id|>).
+            its beginning, without its end of turn).
         mode "per_conversation": one sequence with every target message labelled (the same loss
             terms in one forward pass). Over max_seq_len it is split at message boundaries into
             windows; each restarts with the system message, then the message just before its first
             target as context (when that fits in half the window), then whole messages; a message
             that fills a window alone is cut like a per_turn target.
+        Every example ends with its last target's end of turn (no separator after it).
         Examples that lost anything to max_seq_len are marked `truncated`.
         bodies: precomputed `encode_bodies` of the messages' contents (batched by the caller).
         """
@@ -294,10 +399,11 @@ class ChatEncoder:
                 target, number = number, number + 1
             parts.append(_Part(self.header_ids[message["role"]], list(body), target))
         has_system = bool(messages) and messages[0]["role"] == SYSTEM
-        system = parts[0].ids if has_system else []
+        system = parts[0] if has_system else None
         turns = parts[1:] if has_system else parts
-        if not self.system_fits(len(system), max_seq_len):
-            raise ValueError(f"the system message ({len(system)} tokens) leaves no room in "
+        system_tokens = len(system.ids) if system else 0
+        if not self.system_fits(system_tokens, max_seq_len):
+            raise ValueError(f"the system message ({system_tokens} tokens) leaves no room in "
                              f"max_seq_len={max_seq_len}")
         if mode == "per_turn":
             return [self._with_history(system, turns, i, max_seq_len)
@@ -306,51 +412,57 @@ class ChatEncoder:
             return self._windows(system, turns, max_seq_len)
         raise ValueError(f"unknown flip mode {mode!r}: expected one of {', '.join(FlipMode)}")
 
-    @staticmethod
-    def _with_history(system: list[int], turns: list[_Part], index: int, max_seq_len: int) -> Example:
+    def _cost(self, part: _Part) -> int:
+        """The tokens a message takes after another: the separator, its header and its body."""
+        return len(self.separator_ids) + len(part.ids)
+
+    def _start(self, system: _Part | None) -> tuple[Example, int]:
+        """A new example holding the system message, and the tokens it used."""
         example = Example()
-        example.add(system, None)
+        if system is not None:
+            example.add_message(system, self.separator_ids)
+        return example, len(example.input_ids)
+
+    def _with_history(self, system: _Part | None, turns: list[_Part], index: int, max_seq_len: int) -> Example:
+        example, used = self._start(system)
         target = turns[index]
-        budget = max_seq_len - len(system) - len(target.ids)
+        budget = max_seq_len - used - self._cost(target)
         if budget < 0:
-            example.add_cut(target, max_seq_len - len(system))
+            example.add_cut(target, max_seq_len - used, self.separator_ids)
             return example
-        start = oldest_kept([len(part.ids) for part in turns[:index]], budget)
+        start = oldest_kept([self._cost(part) for part in turns[:index]], budget)
         example.truncated = start > 0
         for part in turns[start:index]:
-            example.add(part.ids, None)
-        example.add(target.header, None)
-        example.add(target.body, target.target)
+            example.add_message(part, self.separator_ids, context=True)
+        example.add_message(target, self.separator_ids)
         return example
 
-    @staticmethod
-    def _windows(system: list[int], turns: list[_Part], max_seq_len: int) -> list[Example]:
+    def _windows(self, system: _Part | None, turns: list[_Part], max_seq_len: int) -> list[Example]:
         windows: list[Example] = []
         position = 0
         while position < len(turns):
             if turns[position].target is None:
                 position += 1  # windows begin at a target; what comes before is context
                 continue
-            example = Example()
-            example.add(system, None)
-            budget = max_seq_len - len(system)
-            context = turns[position - 1].ids if position > 0 else []
+            example, used = self._start(system)
+            budget = max_seq_len - used
+            context = turns[position - 1] if position > 0 else None
             # The previous message as context only if it takes at most half the window and leaves
             # the first target room to fit whole.
-            if context and len(context) <= budget // 2 and len(context) + len(turns[position].ids) <= budget:
-                example.add(context, None)
-                budget -= len(context)
+            if context and self._cost(context) <= budget // 2 and \
+                    self._cost(context) + self._cost(turns[position]) <= budget:
+                example.add_message(context, self.separator_ids, context=True)
+                budget -= self._cost(context)
             placed = False
             while position < len(turns):
                 part = turns[position]
-                if len(part.ids) > budget:
+                if self._cost(part) > budget:
                     if not placed:
-                        example.add_cut(part, budget)
+                        example.add_cut(part, budget, self.separator_ids)
                         position += 1
                     break
-                example.add(part.header, None)
-                example.add(part.body, part.target)
-                budget -= len(part.ids)
+                example.add_message(part, self.separator_ids)
+                budget -= self._cost(part)
                 placed = True
                 position += 1
             windows.append(example)

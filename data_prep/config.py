@@ -36,6 +36,7 @@ OmegaConf.register_new_resolver("chat_format", chat_format_constant, replace=Tru
 
 
 DatasetKind = StrEnum("DatasetKind", {name: name for name in sources.NAMES})   # data_prep/sources/<name>.py
+ChatFormatName = StrEnum("ChatFormatName", {name: name for name in chat_format.FORMATS})   # data_prep/chat_format.py
 
 
 class UnansweredLastTurn(StrEnum):   # a last user turn that got no reply
@@ -184,7 +185,7 @@ class FlipConfig:
 @dataclass
 class TokenizerConfig:
     name_or_path: str = MISSING
-    pad_token: str = MISSING
+    pad_token: Optional[str] = MISSING    # null: the chat format's (userlm <|reserved_special_token_0|>, chatml <|endoftext|>)
     trust_remote_code: bool = MISSING
 
 
@@ -196,6 +197,9 @@ class DataPrepConfig:
     intents: IntentsConfig = field(default_factory=IntentsConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # The base model's family: userlm (UserLM-8b's Llama-3 format) or chatml (Qwen2.5/Qwen3 and any
+    # other base). The saved tokenizer carries it; train and evaluate read it from there.
+    chat_format: ChatFormatName = MISSING
     max_seq_len: int = MISSING
     output_dir: str = MISSING
     overwrite: bool = MISSING         # replace an output_dir that is not data_prep's own complete output

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import datasets
 
-from data_prep.chat_format import ASSISTANT, USER, find_control_string
+from data_prep.chat_format import ASSISTANT, USER, ChatFormat
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")   # Cc but \t \n \r
@@ -75,10 +75,13 @@ def user_key(hashed_ip: str | None, country: str | None) -> str | None:
     return hashlib.sha256(f"{hashed_ip}\x1f{country}".encode()).hexdigest()
 
 
-def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list[dict], bool, list[str]]:
+def check_turns(turns: list[dict], unanswered_last_turn: str, chat_format: ChatFormat
+                ) -> tuple[str, list[dict], bool, list[str]]:
     """Validate a linear dialogue. Returns (malformed reason or "", turns, ended, events).
 
-    unanswered_last_turn: a data_prep.config.UnansweredLastTurn (the schema refuses other values)."""
+    unanswered_last_turn: a data_prep.config.UnansweredLastTurn (the schema refuses other values).
+    chat_format: the format the examples are made in, whose control strings no turn may hold (a
+    turn holding the pad token's text would train on the pad id)."""
     events: list[str] = []
     if not any(t["role"] == USER for t in turns):
         return "malformed:no_user_turn", turns, False, events
@@ -91,7 +94,7 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
             return "malformed:roles_out_of_order", turns, False, events
         if turn["role"] == USER and not turn["content"].strip():
             return "malformed:empty_user_turn", turns, False, events
-        if find_control_string(turn["content"]):
+        if chat_format.find_control_string(turn["content"]):
             return "malformed:control_token_in_text", turns, False, events
     ended = turns[-1]["role"] == ASSISTANT
     if not ended:
@@ -108,7 +111,7 @@ def check_turns(turns: list[dict], unanswered_last_turn: str) -> tuple[str, list
     return "", turns, ended, events
 
 
-def make_record(key: str | None, turns: list[dict], filters_cfg, *, language: str | None = None, toxic=False,
+def make_record(key: str | None, turns: list[dict], filters_cfg, chat_format: ChatFormat, *, language: str | None = None, toxic=False,
                 redacted=False, user_id: str | None = None, country: str | None = None, events=(),
                 malformed: str = "") -> dict:
     """The record of one conversation (data_prep.sources' adapters call this): its turns cleaned and
@@ -119,7 +122,7 @@ def make_record(key: str | None, turns: list[dict], filters_cfg, *, language: st
     if malformed:
         ended, check_events = False, []
     else:
-        malformed, turns, ended, check_events = check_turns(turns, filters_cfg.unanswered_last_turn)
+        malformed, turns, ended, check_events = check_turns(turns, filters_cfg.unanswered_last_turn, chat_format)
     ok = not malformed
     content_key = exact_key(turns)
     return {

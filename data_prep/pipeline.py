@@ -40,7 +40,7 @@ import data_prep.examples
 import data_prep.sources.messages
 from core import artifacts
 from data_prep import sources
-from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer, save_tokenizer
+from data_prep.chat_format import get_format, prepare_tokenizer, save_tokenizer
 from data_prep.conversations import RECORD_FEATURES
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
@@ -66,10 +66,10 @@ def log_stage(stage: str, start: float) -> None:
              time.perf_counter() - start, peak_gib)
 
 
-def load_tokenizer(tokenizer_cfg):
+def load_tokenizer(tokenizer_cfg, chat_format: str):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_cfg.name_or_path,
                                               trust_remote_code=tokenizer_cfg.trust_remote_code)
-    return prepare_tokenizer(tokenizer, tokenizer_cfg.pad_token)
+    return prepare_tokenizer(tokenizer, get_format(chat_format), tokenizer_cfg.pad_token)
 
 
 class Selection(NamedTuple):
@@ -99,13 +99,14 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
                          "filters.languages=null (its dataset YAML does)")
     if cfg.filters.languages is not None and "language" not in raw.column_names:
         raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
-    fingerprint = artifacts.config_hash(FORMAT_VERSION, CODE_VERSION, provenance,
-                                        artifacts.resolved_config(cfg.filters), cfg.data.id_field, cfg.data.user_field)
+    fingerprint = artifacts.config_hash(FORMAT_VERSION, CODE_VERSION, provenance, artifacts.resolved_config(cfg.filters),
+                                        cfg.data.id_field, cfg.data.user_field, cfg.chat_format)
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
     log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
-    records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data},
+    records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data,
+                                                 "chat_format": get_format(cfg.chat_format)},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 
@@ -149,7 +150,7 @@ def prepare(cfg) -> Path:
     # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
     # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
     intents = get_intents(cfg.intents, selection.kept())
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_format)
     hashes_of = {split: records.select(rows)["conversation_hash"] for split, rows in split_rows.items()}
     unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
                                 tokenizer, cfg.max_seq_len)
@@ -180,7 +181,7 @@ def prepare(cfg) -> Path:
 
     log_stage("intents", start)
     # ---- flip + tokenize ---------------------------------------------------------------------
-    tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), CHAT_TEMPLATE)
+    tokenizer_hash = artifacts.config_hash(tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template)
     examples = {}
     for split, dataset in conversations.items():
         examples[split] = dataset.map(

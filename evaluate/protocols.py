@@ -12,8 +12,9 @@ rule in both protocols, the rule of data_prep's per_turn history: the system mes
 stays, the oldest whole messages go first, and a newest message that does not fit even alone keeps
 its first tokens. An intent that alone leaves no room is a ValueError.
 
-- `userlm`: UserLM-8b's own chat format (data_prep.chat_format): the intent as system message, the
-  real roles, the user header last. For user LMs, and for base models, which get the same text.
+- `userlm`: the user LM's flipped layout (data_prep.chat_format), in UserLM-8b's own Llama-3 format
+  or in ChatML, whichever the tokenizer carries: the intent as system message, the real roles, the
+  user header last. For user LMs, and for base models, which get the same text.
 - `flipped_chat`: an instruct model's OWN chat template with the roles swapped: our user turns are
   its `assistant` turns (the turns it is good at writing), our assistant turns are its `user` turns,
   and a system prompt asks it to play the user (with the intent, when there is one). The label mask
@@ -34,8 +35,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from data_prep.chat_format import (ASSISTANT, END_CONVERSATION, SYSTEM, USER, ChatEncoder, Example,
-                                   conversation_messages, prepare_tokenizer)
+from data_prep.chat_format import (ASSISTANT, END_CONVERSATION, SYSTEM, USER, USERLM, ChatEncoder, Example,
+                                   conversation_messages, format_of, prepare_tokenizer)
 
 END_TOKEN_HANDLING = ("token", "plain_text", "exclude")
 FLIP_MODES = ("per_turn", "per_conversation")
@@ -46,8 +47,9 @@ def make_protocol(name: str, tokenizer, *, end_token: str, pad_token: str | None
                   template_kwargs: dict | None = None):
     """The protocol `name` for `tokenizer`.
 
-    userlm: `tokenizer` is prepared in place for UserLM's format (prepare_tokenizer with
-        `pad_token`): a Llama-3 tokenizer, the model's own or the data directory's.
+    userlm: the flipped layout of data_prep.chat_format, in the format `tokenizer` carries (a user
+        LM's or data_prep's saved tokenizer: userlm or chatml); any other tokenizer (a base model's,
+        a Llama-3 one) is prepared in place for UserLM's format, with `pad_token`.
     flipped_chat: `tokenizer` must carry a chat template; the system prompts are configuration
         (system_prompt_with_intent contains "{intent}"); template_kwargs are passed to the template
         (Llama-3.1/3.2 templates print today's date unless given date_string: fix it, for the same
@@ -56,7 +58,8 @@ def make_protocol(name: str, tokenizer, *, end_token: str, pad_token: str | None
     if end_token not in END_TOKEN_HANDLING:
         raise ValueError(f"end_token={end_token!r}: expected one of {END_TOKEN_HANDLING}")
     if name == "userlm":
-        return UserLMProtocol(prepare_tokenizer(tokenizer, pad_token), end_token)
+        return UserLMProtocol(tokenizer if format_of(tokenizer) else prepare_tokenizer(tokenizer, USERLM, pad_token),
+                              end_token)
     if name == "flipped_chat":
         return FlippedChatProtocol(tokenizer, end_token, system_prompt, system_prompt_with_intent, template_kwargs)
     raise ValueError(f"protocol={name!r}: expected userlm or flipped_chat")
@@ -76,14 +79,14 @@ def plain_text_ids(tokenizer, text: str) -> list[int]:
 
 
 class UserLMProtocol:
-    """UserLM-8b's format; examples and prompts come from data_prep.chat_format.ChatEncoder."""
+    """The user LM's flipped layout; examples and prompts come from data_prep.chat_format.ChatEncoder."""
     name = "userlm"
 
     def __init__(self, tokenizer, end_token: str):
         self.tokenizer = tokenizer
         self.end_token = end_token
         self.encoder = ChatEncoder(tokenizer)
-        # "\n" + <|endconversation|> + <|eot_id|> with the end string read as plain text.
+        # "\n" + <|endconversation|> + end of turn, with the end string read as plain text.
         self.plain_end_body = plain_text_ids(tokenizer, "\n" + END_CONVERSATION) + [self.encoder.eot_id]
 
     def messages(self, intent: str | None, turns: Sequence[dict], ended: bool) -> list[dict]:

@@ -20,7 +20,8 @@ The four guardrails over the API, with the config and the counted interventions 
     length, repetition  rejection sampling, as in the local backend.
 Each request draws `candidates` samples (`n`); they are judged in order, and a turn whose candidates
 all fail is drawn again, until `guardrails.max_retries` samples were rejected (then the last is kept
-and marked failed, as locally). Generation stops at <|eot_id|> (`stop`, and the server's EOS).
+and marked failed, as locally). Generation stops at the chat format's end of turn (<|eot_id|>, or
+<|im_end|> for chatml: `stop`, and the server's EOS).
 
 Server faults (429 with Retry-After, 5xx, timeouts, malformed bodies) are retried by the client; a
 request that fails for good (a 400 for an out-of-vocabulary logit_bias, retries exhausted) ends that
@@ -42,7 +43,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from core.llm_client import LLMClient, RequestFailed, bounded_map
-from data_prep.chat_format import END_CONVERSATION, EOT
+from data_prep.chat_format import END_CONVERSATION
 from evaluate.guardrails import RowRecord
 from evaluate.simulate_config import ServedUserConfig
 from evaluate.simulator import Sample
@@ -57,6 +58,7 @@ class ServedTurnSampler:
         self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServedUserConfig), served_cfg))
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, seed
         self.end_token_id = tokenizer.get_vocab().get(END_CONVERSATION)
+        self.stop = [tokenizer.eos_token]   # the chat format's end of turn (make_protocol prepared the tokenizer)
         self.drawn = Counter()   # prompt digest -> requests made for it (a fresh seed each time)
 
     def request_params(self, prompt: Sequence[int], forbid_end: bool) -> dict:
@@ -66,7 +68,7 @@ class ServedTurnSampler:
         greedy = not self.sampling.do_sample   # then n candidates would be one candidate n times
         params = {"n": 1 if greedy else self.cfg.candidates, "max_tokens": self.sampling.max_new_tokens,
                   "temperature": 0.0 if greedy else self.sampling.temperature,
-                  "top_p": 1.0 if greedy else self.sampling.top_p, "seed": seed, "stop": [EOT]}
+                  "top_p": 1.0 if greedy else self.sampling.top_p, "seed": seed, "stop": self.stop}
         if forbid_end and self.end_token_id is not None:
             params["logit_bias"] = {str(self.end_token_id): -100}
         if self.cfg.prompt_format == "text":

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from omegaconf import OmegaConf
 
 from core import runtime
-from data_prep.chat_format import END_CONVERSATION, END_OF_TEXT, EOT, INTENT_PREFIX, PAD_TOKEN, USER
+from data_prep.chat_format import END_CONVERSATION, INTENT_PREFIX, PAD_TOKEN, USER
 from evaluate.guardrails import (FirstWordBan, LengthRule, RowRecord, TurnGuard, TurnGuardrails, first_word_rule,
                                  turn_violations)
 from evaluate.protocols import make_protocol
@@ -201,8 +201,10 @@ def context_size(config) -> int:
 
 
 def stop_token_ids(protocol, model) -> list[int]:
-    """The runtime's stop set; userlm adds its format's turn ends, <|eot_id|> and <|end_of_text|>."""
-    return runtime.stop_token_ids(protocol.tokenizer, model, (EOT, END_OF_TEXT) if protocol.name == "userlm" else ())
+    """The runtime's stop set; userlm adds its chat format's turn ends (<|eot_id|> and <|end_of_text|>,
+    or <|im_end|> and <|endoftext|>)."""
+    return runtime.stop_token_ids(protocol.tokenizer, model,
+                                  protocol.encoder.format.stop_tokens if protocol.name == "userlm" else ())
 
 
 # ---- the simulator -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 Each directory is loaded with AutoTokenizer (and AutoModelForCausalLM when it holds a config.json)
 and put through UserLM-8b's published snippet: the intent as the system message rendered by
-apply_chat_template, then generate with <|eot_id|> as the end token and <|endconversation|>
+apply_chat_template, then generate with the EOS (<|eot_id|>, or <|im_end|> for chatml) as the end token and <|endconversation|>
 banned, as the model card shows, but greedy (do_sample=False) so that the two runs can be
 compared. A conversation with turns is rendered too, and the text is encoded and decoded. This
 runs twice, each in a subprocess of this interpreter: once with the project's transformers 5 and
@@ -44,7 +44,7 @@ def snippet(directory: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     inputs = tokenizer.apply_chat_template([{"role": "system", "content": INTENT}], return_tensors="pt",
                                            return_dict=False)
-    end_token_id = tokenizer.encode("<|eot_id|>", add_special_tokens=False)
+    end_token_id = tokenizer.encode(tokenizer.eos_token, add_special_tokens=False)   # the format's end of turn
     end_conv_token_id = tokenizer.encode("<|endconversation|>", add_special_tokens=False)
     conversation_ids = tokenizer.apply_chat_template(CONVERSATION, return_dict=False)
     text_ids = tokenizer.encode(TEXT)

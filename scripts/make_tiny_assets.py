@@ -1,14 +1,16 @@
 """Build the tiny tokenizer and model that the quickstart, tests and benchmarks use (offline).
 
     python scripts/make_tiny_assets.py --out outputs/tiny       # -> outputs/tiny/{tokenizer,model}
+    python scripts/make_tiny_assets.py --family qwen --out outputs/tiny-qwen   # a ChatML-family base
 
-The tokenizer is a byte-level BPE trained on the embedded sample's text with Llama-3's
-pre-tokenizer and Llama-3's special tokens at the end of its vocabulary (<|begin_of_text|>,
-<|end_of_text|>, reserved tokens, <|start_header_id|>, <|end_header_id|>, <|eot_id|>). Like
-Meta-Llama-3-8B it has no <|endconversation|> and no pad token: the pipeline adds them
-(data_prep.chat_format.prepare_tokenizer), exactly as it does for the paper's base model. The model
-is a randomly initialised Llama of a few hundred thousand parameters, saved with save_pretrained.
-Deterministic for a given seed.
+The tokenizer is a byte-level BPE trained on the embedded sample's text with a family's
+pre-tokenizer and special tokens at the end of its vocabulary. llama3 (the default): Llama-3's
+(<|begin_of_text|>, <|end_of_text|>, reserved tokens, <|start_header_id|>, <|end_header_id|>,
+<|eot_id|>); like Meta-Llama-3-8B it has no <|endconversation|> and no pad token: the pipeline adds
+them (data_prep.chat_format.prepare_tokenizer), exactly as it does for the paper's base model.
+qwen: Qwen2.5's (NFC, its split pattern, <|endoftext|> as EOS, <|im_start|>, <|im_end|>, no BOS),
+the base of `chat_format=chatml`. The model is a randomly initialised Llama of a few hundred
+thousand parameters, saved with save_pretrained. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from data_prep.chat_format import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER
+from data_prep.chat_format import (BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, IM_END, IM_END_OF_TEXT, IM_START,
+                                   START_HEADER)
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data_prep" / "sample"
 # Llama-3's pre-tokenizer split pattern (tokenizer.json of Meta-Llama-3-8B).
@@ -32,6 +35,11 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 SPECIAL_TOKENS = [BEGIN_OF_TEXT, END_OF_TEXT, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
                   "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", START_HEADER, END_HEADER,
                   "<|reserved_special_token_4|>", EOT]
+# Qwen2.5's split pattern (its tokenizer.json: digits one at a time) and first special tokens, in its order.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPECIAL_TOKENS = [IM_END_OF_TEXT, IM_START, IM_END]
+FAMILIES = ("llama3", "qwen")
 
 
 def sample_texts(sample_dir: Path):
@@ -48,16 +56,24 @@ def sample_texts(sample_dir: Path):
             yield json.loads(line)["intent"]
 
 
-def build_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts, vocab_size: int, family: str = "llama3") -> PreTrainedTokenizerFast:
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
     tokenizer = Tokenizer(models.BPE())
+    if family == "qwen":
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT if family == "llama3" else QWEN_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if family == "qwen":
+        tokenizer.add_special_tokens(QWEN_SPECIAL_TOKENS)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END_OF_TEXT, pad_token=IM_END_OF_TEXT,
+                                       model_max_length=8192)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     bos_id = tokenizer.token_to_id(BEGIN_OF_TEXT)
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -73,8 +89,7 @@ def build_model(tokenizer, hidden: int, layers: int, seed: int, vocab_size: int 
         vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-        bos_token_id=tokenizer.convert_tokens_to_ids(BEGIN_OF_TEXT),
-        eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TEXT),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -85,11 +100,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/tiny"))
     parser.add_argument("--sample-dir", type=Path, default=SAMPLE_DIR)
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--family", choices=FAMILIES, default="llama3", help="llama3, or qwen (for chat_format=chatml)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tokenizer = build_tokenizer(sample_texts(args.sample_dir), args.vocab_size)
+    tokenizer = build_tokenizer(sample_texts(args.sample_dir), args.vocab_size, args.family)
     tokenizer.save_pretrained(args.out / "tokenizer")
     model = build_model(tokenizer, args.hidden, args.layers, args.seed)
     model.save_pretrained(args.out / "model")

@@ -37,15 +37,37 @@ def tiny_assets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_assets(tmp_path_factory) -> Path:
+    """The tiny Qwen-family base (scripts/make_tiny_assets.py --family qwen): <dir>/tokenizer and <dir>/model."""
+    from scripts.make_tiny_assets import build_model, build_tokenizer, sample_texts
+    out = tmp_path_factory.mktemp("tiny_qwen")
+    tokenizer = build_tokenizer(sample_texts(SAMPLE), vocab_size=2048, family="qwen")
+    tokenizer.save_pretrained(out / "tokenizer")
+    model = build_model(tokenizer, hidden=64, layers=2, seed=0)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_assets):
     """The tiny tokenizer prepared for UserLM's format (chat template, <|endconversation|>, pad)."""
     from transformers import AutoTokenizer
-    from data_prep.chat_format import prepare_tokenizer
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"),
+    from data_prep.chat_format import USERLM, prepare_tokenizer
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"), USERLM,
                              "<|reserved_special_token_0|>")
 
 
+@pytest.fixture(scope="session")
+def tiny_chatml_tokenizer(tiny_qwen_assets):
+    """The tiny Qwen-family tokenizer prepared for the chatml format."""
+    from transformers import AutoTokenizer
+    from data_prep.chat_format import CHATML, prepare_tokenizer
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_qwen_assets / "tokenizer"), CHATML)
+
+
 def data_prep_overrides(tiny_assets: Path, output_dir: Path, *extra: str) -> list[str]:
+    """`tiny_assets`: the base whose tokenizer data_prep prepares (tiny_assets, or tiny_qwen_assets with chat_format=chatml)."""
     return ["experiment=tiny", f"tokenizer.name_or_path={tiny_assets / 'tokenizer'}",
             f"output_dir={output_dir}", "num_proc=1", *extra]   # intents: the dataset's sample_intents
 
@@ -63,6 +85,12 @@ def run_data_prep(tiny_assets: Path, output_dir: Path, *extra: str) -> Path:
 def tiny_data(tiny_assets, tmp_path_factory) -> Path:
     """data_prep's output on the WildChat sample (per_turn, max_seq_len 512)."""
     return run_data_prep(tiny_assets, tmp_path_factory.mktemp("data") / "wildchat")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_data(tiny_qwen_assets, tmp_path_factory) -> Path:
+    """data_prep's output on the WildChat sample in the chatml format, from the tiny Qwen-family base."""
+    return run_data_prep(tiny_qwen_assets, tmp_path_factory.mktemp("data") / "wildchat_chatml", "chat_format=chatml")
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +130,14 @@ def tiny_userlm_model(tiny_assets, tiny_tokenizer, tmp_path_factory) -> Path:
     """A "trained-like" tiny user LM: the prepared tokenizer (with <|endconversation|>) and the tiny
     model resized to it, saved together as train/run.py's output would be."""
     return save_resized(tiny_assets, tiny_tokenizer, tmp_path_factory.mktemp("userlm_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_user_model(tiny_qwen_assets, tiny_chatml_data, tmp_path_factory) -> Path:
+    """The tiny Qwen-family model resized to the chatml data's tokenizer: an untrained user LM in ChatML."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_data / "tokenizer")
+    return save_resized(tiny_qwen_assets, tokenizer, tmp_path_factory.mktemp("chatml_user_model"))
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from data_prep.chat_format import (CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX, PAD_TOKEN, ChatEncoder,
-                                   conversation_messages, prepare_tokenizer, save_tokenizer)
+from data_prep.chat_format import (CHATML, END_CONVERSATION, EOT, IGNORE_INDEX, PAD_TOKEN, USERLM, ChatEncoder,
+                                   conversation_messages, format_of, prepare_tokenizer, save_tokenizer)
 
 INTENT = "You are a user chatting with an assistant language model to plan a trip to Peru."
 TURNS = [
@@ -15,6 +15,17 @@ TURNS = [
     {"role": "user", "content": "  how many days?\n"},
     {"role": "assistant", "content": "About 10 days 🙂"},
 ]
+
+
+@pytest.fixture(params=["userlm", "chatml"])
+def formatted(request, tiny_tokenizer, tiny_chatml_tokenizer):
+    """A tiny tokenizer prepared for each chat format: userlm (Llama-3 family), chatml (Qwen family)."""
+    return tiny_tokenizer if request.param == "userlm" else tiny_chatml_tokenizer
+
+
+def header(tokenizer, role: str) -> str:
+    chat_format = format_of(tokenizer)
+    return chat_format.header_start + role + chat_format.header_end
 
 
 def _targets(tokenizer, example) -> list[str]:
@@ -36,14 +47,14 @@ def test_prepare_tokenizer_adds_one_plain_token_and_distinct_pad(tiny_tokenizer)
     assert tok.decode([end_id], skip_special_tokens=True) == END_CONVERSATION  # not special
     assert tok.eos_token == EOT and tok.pad_token_id != tok.eos_token_id
     size = len(tok)
-    prepare_tokenizer(tok, tok.pad_token)  # idempotent
+    prepare_tokenizer(tok, USERLM, tok.pad_token)  # idempotent
     assert len(tok) == size
 
 
 def test_pad_equal_to_eos_is_refused(tiny_assets):
     from transformers import AutoTokenizer
     with pytest.raises(ValueError, match="pad_token"):
-        prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"), EOT)
+        prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"), USERLM, EOT)
 
 
 def test_template_text_matches_userlm_format(tiny_tokenizer):
@@ -59,63 +70,64 @@ def test_template_text_matches_userlm_format(tiny_tokenizer):
         assert prompt.endswith("<|start_header_id|>user<|end_header_id|>")
 
 
-def test_prompt_ids_equal_apply_chat_template(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_prompt_ids_equal_apply_chat_template(formatted):
+    encoder = ChatEncoder(formatted)
     messages = conversation_messages(INTENT, TURNS, ended=False)
     for k in range(1, len(messages) + 1):
-        expected = tiny_tokenizer.apply_chat_template(messages[:k], tokenize=True, return_dict=False)
+        expected = formatted.apply_chat_template(messages[:k], tokenize=True, return_dict=False)
         assert encoder.prompt_ids(messages[:k]) == expected
 
 
 @pytest.mark.parametrize("mode", ["per_turn", "per_conversation"])
-def test_examples_equal_tokenizing_the_rendered_text(tiny_tokenizer, mode):
+def test_examples_equal_tokenizing_the_rendered_text(formatted, mode):
     """Each example's ids are what tokenizing template(context) + target text gives."""
-    encoder = ChatEncoder(tiny_tokenizer)
+    encoder = ChatEncoder(formatted)
     messages = conversation_messages(INTENT, TURNS, ended=True)
     for example in encoder.flip(messages, mode, max_seq_len=4096):
-        text = tiny_tokenizer.decode(example.input_ids)
-        assert tiny_tokenizer(text, add_special_tokens=False)["input_ids"] == example.input_ids
+        text = formatted.decode(example.input_ids)
+        assert formatted(text, add_special_tokens=False)["input_ids"] == example.input_ids
     # per_turn: example k is the template of the first messages plus the k-th user turn as target.
     if mode == "per_turn":
         user_positions = [i for i, m in enumerate(messages) if m["role"] == "user"]
         for example, position in zip(encoder.flip(messages, mode, 4096), user_positions):
-            prompt = tiny_tokenizer.apply_chat_template(messages[:position], tokenize=False)
-            target = "\n" + messages[position]["content"] + EOT
-            assert tiny_tokenizer.decode(example.input_ids) == prompt + target
-            assert tiny_tokenizer(prompt + target, add_special_tokens=False)["input_ids"] == example.input_ids
+            prompt = formatted.apply_chat_template(messages[:position], tokenize=False)
+            target = "\n" + messages[position]["content"] + formatted.eos_token
+            assert formatted.decode(example.input_ids) == prompt + target
+            assert formatted(prompt + target, add_special_tokens=False)["input_ids"] == example.input_ids
 
 
-def test_per_turn_gives_k_plus_one_samples_whose_labels_are_the_user_turns(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_per_turn_gives_k_plus_one_samples_whose_labels_are_the_user_turns(formatted):
+    encoder = ChatEncoder(formatted)
     examples = encoder.flip(conversation_messages(INTENT, TURNS, ended=True), "per_turn", 4096)
     assert len(examples) == 2 + 1
-    assert [_targets(tiny_tokenizer, e) for e in examples] == [
-        ["\n" + TURNS[0]["content"] + EOT], ["\n" + TURNS[2]["content"] + EOT], ["\n" + END_CONVERSATION + EOT]]
+    eot = formatted.eos_token
+    assert [_targets(formatted, e) for e in examples] == [
+        ["\n" + TURNS[0]["content"] + eot], ["\n" + TURNS[2]["content"] + eot], ["\n" + END_CONVERSATION + eot]]
     assert [e.target_turns for e in examples] == [[0], [1], [2]]
 
 
-def test_unanswered_conversation_has_no_end_sample(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_unanswered_conversation_has_no_end_sample(formatted):
+    encoder = ChatEncoder(formatted)
     examples = encoder.flip(conversation_messages(INTENT, TURNS[:3], ended=False), "per_turn", 4096)
     assert len(examples) == 2
-    assert all(END_CONVERSATION not in tiny_tokenizer.decode(e.input_ids) for e in examples)
+    assert all(END_CONVERSATION not in formatted.decode(e.input_ids) for e in examples)
 
 
-def test_per_conversation_has_the_same_target_tokens_as_per_turn(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_per_conversation_has_the_same_target_tokens_as_per_turn(formatted):
+    encoder = ChatEncoder(formatted)
     messages = conversation_messages(INTENT, TURNS, ended=True)
     per_turn = encoder.flip(messages, "per_turn", 4096)
     (whole,) = encoder.flip(messages, "per_conversation", 4096)
     assert [t for e in per_turn for t in e.labels if t != IGNORE_INDEX] == \
            [t for t in whole.labels if t != IGNORE_INDEX]
-    assert _targets(tiny_tokenizer, whole) == [s for e in per_turn for s in _targets(tiny_tokenizer, e)]
+    assert _targets(formatted, whole) == [s for e in per_turn for s in _targets(formatted, e)]
     assert not any(e.truncated for e in per_turn + [whole])
 
 
-def test_no_intent_means_no_system_message(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_no_intent_means_no_system_message(formatted):
+    encoder = ChatEncoder(formatted)
     (example,) = encoder.flip(conversation_messages(None, TURNS[:2], ended=False), "per_conversation", 4096)
-    assert tiny_tokenizer.decode(example.input_ids).startswith("<|start_header_id|>user<|end_header_id|>\n")
+    assert formatted.decode(example.input_ids).startswith(header(formatted, "user") + "\n")
 
 
 def _long_conversation(n_rounds: int, seed: int = 0) -> list[dict]:
@@ -128,8 +140,8 @@ def _long_conversation(n_rounds: int, seed: int = 0) -> list[dict]:
     return turns
 
 
-def test_per_turn_truncation_keeps_intent_and_drops_oldest_whole_messages(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_per_turn_truncation_keeps_intent_and_drops_oldest_whole_messages(formatted):
+    encoder = ChatEncoder(formatted)
     messages = conversation_messages(INTENT, _long_conversation(12), ended=True)
     full = encoder.flip(messages, "per_turn", 100_000)
     cut = encoder.flip(messages, "per_turn", 256)
@@ -141,20 +153,20 @@ def test_per_turn_truncation_keeps_intent_and_drops_oldest_whole_messages(tiny_t
         assert [t for t in short.labels if t != IGNORE_INDEX] == [t for t in long.labels if t != IGNORE_INDEX]
         history = short.input_ids[len(system):]
         assert long.input_ids[-len(history):] == history
-        assert history[0] == tiny_tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+        assert history[:len(encoder.separator_ids) + 1] == encoder.separator_ids + encoder.header_ids["user"][:1]
     assert any(e.truncated for e in cut) and not any(e.truncated for e in full)
 
 
-def test_per_turn_cuts_a_target_that_alone_exceeds_the_limit(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_per_turn_cuts_a_target_that_alone_exceeds_the_limit(formatted):
+    encoder = ChatEncoder(formatted)
     huge = {"role": "user", "content": "word " * 2000}
     (example,) = encoder.flip(conversation_messages(INTENT, [huge], ended=False), "per_turn", 128)
     assert len(example.input_ids) == 128 and example.truncated
     assert example.labels[-1] != encoder.eot_id  # a cut turn does not teach an end
 
 
-def test_per_conversation_windows_cover_every_target_once(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_per_conversation_windows_cover_every_target_once(formatted):
+    encoder = ChatEncoder(formatted)
     messages = conversation_messages(INTENT, _long_conversation(12, seed=1), ended=True)
     per_turn = encoder.flip(messages, "per_turn", 100_000)
     windows = encoder.flip(messages, "per_conversation", 300)
@@ -163,11 +175,11 @@ def test_per_conversation_windows_cover_every_target_once(tiny_tokenizer):
     assert [t for w in windows for t in w.labels if t != IGNORE_INDEX] == \
            [t for e in per_turn for t in e.labels if t != IGNORE_INDEX]
     for window in windows:  # each window restarts with the intent
-        assert tiny_tokenizer.decode(window.input_ids).startswith("<|start_header_id|>system<|end_header_id|>\n" + INTENT)
+        assert formatted.decode(window.input_ids).startswith(header(formatted, "system") + "\n" + INTENT)
 
 
-def test_a_window_drops_its_context_rather_than_cut_a_target_that_fits(tiny_tokenizer):
-    encoder = ChatEncoder(tiny_tokenizer)
+def test_a_window_drops_its_context_rather_than_cut_a_target_that_fits(formatted):
+    encoder = ChatEncoder(formatted)
     turns = [{"role": "user", "content": "hello there"},
              {"role": "assistant", "content": "word " * 90},      # context that fits in half a window
              {"role": "user", "content": "again " * 150}]         # a target that fits only alone
@@ -175,7 +187,7 @@ def test_a_window_drops_its_context_rather_than_cut_a_target_that_fits(tiny_toke
     windows = encoder.flip(messages, "per_conversation", 256)
     last = windows[-1]
     assert last.target_turns == [1] and not any(len(w.input_ids) > 256 for w in windows)
-    assert tiny_tokenizer.decode([t for t in last.labels if t != IGNORE_INDEX]) == "\n" + turns[2]["content"] + EOT
+    assert formatted.decode([t for t in last.labels if t != IGNORE_INDEX]) == "\n" + turns[2]["content"] + formatted.eos_token
 
 
 def test_a_first_turn_without_intent_prompts_with_the_user_header_alone(tiny_tokenizer):
@@ -205,7 +217,7 @@ def test_saved_tokenizer_has_transformers4_layout_and_the_same_bytes_every_time(
     special = {"bos_token": "<|begin_of_text|>", "eos_token": EOT, "pad_token": PAD_TOKEN}
     assert {k: config[k] for k in special} == special
     assert json.loads((tmp_path / "first" / "special_tokens_map.json").read_text()) == special
-    assert config["chat_template"] == (tmp_path / "first" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    assert config["chat_template"] == (tmp_path / "first" / "chat_template.jinja").read_text() == USERLM.chat_template
 
     save_tokenizer(tiny_tokenizer, tmp_path / "again")
     # Meta-Llama-3-8B's config says clean_up_tokenization_spaces: true, which 4.x applies and 5.x
@@ -217,3 +229,64 @@ def test_saved_tokenizer_has_transformers4_layout_and_the_same_bytes_every_time(
         assert (tmp_path / "again" / name).read_bytes() == first == (tmp_path / "round_trip" / name).read_bytes(), name
     messages = conversation_messages(INTENT, TURNS, ended=True)
     assert reloaded.apply_chat_template(messages, return_dict=False) == ChatEncoder(tiny_tokenizer).prompt_ids(messages)
+
+
+def test_template_text_matches_the_chatml_format(tiny_chatml_tokenizer):
+    """Every message as Qwen's own template writes it; the prompt ends with the bare user header."""
+    tok = tiny_chatml_tokenizer
+    text = tok.apply_chat_template(conversation_messages(INTENT, TURNS[:2], ended=True), tokenize=False)
+    assert text == ("<|im_start|>system\n" + INTENT + "<|im_end|>\n"
+                    "<|im_start|>user\n" + TURNS[0]["content"] + "<|im_end|>\n"
+                    "<|im_start|>assistant\n" + TURNS[1]["content"] + "<|im_end|>\n"
+                    "<|im_start|>user\n<|endconversation|><|im_end|>\n"
+                    "<|im_start|>user")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    assert format_of(tok) is CHATML and ChatEncoder(tok).format is CHATML
+
+
+def test_chatml_on_a_qwen_base_adds_only_the_end_token_and_is_idempotent(tiny_qwen_assets, tiny_chatml_tokenizer):
+    from transformers import AutoTokenizer
+    base = AutoTokenizer.from_pretrained(tiny_qwen_assets / "tokenizer")
+    tok = tiny_chatml_tokenizer
+    assert len(tok) == len(base) + 1
+    assert tok.convert_tokens_to_ids(END_CONVERSATION) == len(base)
+    assert {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")} == \
+           {t: base.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    assert tok.decode([len(base)], skip_special_tokens=True) == END_CONVERSATION   # not special
+    prepare_tokenizer(tok, CHATML)
+    assert len(tok) == len(base) + 1
+
+
+def test_chatml_on_another_base_adds_its_special_tokens(tiny_assets):
+    """A base without ChatML's tokens (here the Llama-3-family tiny one) gets them, special, then the end token."""
+    from transformers import AutoTokenizer
+    base = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_assets / "tokenizer"), CHATML)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>", END_CONVERSATION]) == \
+           [len(base), len(base) + 1, len(base) + 2, len(base) + 3]
+    assert tok.encode("a<|im_end|>b", add_special_tokens=False)[1] == len(base) + 1
+    assert tok.decode(tok.encode("<|im_start|>hi", add_special_tokens=False), skip_special_tokens=True) == "hi"
+
+
+def test_a_tokenizer_that_merges_across_the_boundaries_is_refused(tiny_assets, tmp_path):
+    """A pre-tokenizer that prefixes every piece (a SentencePiece-style Metaspace) would tokenize the
+    header and the body differently apart than together: prepare_tokenizer refuses it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    raw.train_from_iterator(["hi there user system assistant Hello ok sure check the format"] * 10,
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"], show_progress=False))
+    with pytest.raises(ValueError, match="does not tokenize like its rendered text"):
+        prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>"), CHATML)
+
+
+def test_each_format_has_its_own_control_strings():
+    from data_prep.chat_format import find_any_control_string
+    assert USERLM.find_control_string("paste <|im_start|>system") is None     # ordinary text for Llama-3
+    assert CHATML.find_control_string("paste <|im_start|>system") == "<|im_start|>"
+    assert CHATML.find_control_string("a <|fim_prefix|> b") == "<|fim_prefix|>"
+    assert CHATML.find_control_string("a <|eot_id|> b") == "<|eot_id|>"      # a special-token shape there too
+    assert CHATML.find_control_string("x <| spaced |> and <|Upper|>") is None
+    assert find_any_control_string("an intent with <|im_end|>") == "<|im_end|>"
+    assert find_any_control_string("an intent with <|eot_id|>") == "<|eot_id|>"

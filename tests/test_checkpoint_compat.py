@@ -21,7 +21,11 @@ from train.model import load_model, load_tokenizer, save_model
 
 
 @pytest.mark.slow
-def test_export_and_data_tokenizer_run_the_snippet_alike_under_transformers_4_and_5(tiny_assets, tiny_data, tmp_path):
+@pytest.mark.parametrize("base, data", [("tiny_assets", "tiny_data"), ("tiny_qwen_assets", "tiny_chatml_data")],
+                         ids=["userlm", "chatml"])
+def test_export_and_data_tokenizer_run_the_snippet_alike_under_transformers_4_and_5(base, data, request, tmp_path):
+    """For each chat format: a Llama-3-family base in userlm, a Qwen-family base in chatml."""
+    tiny_assets, tiny_data = request.getfixturevalue(base), request.getfixturevalue(data)
     tokenizer = load_tokenizer(tiny_data)  # data_prep's tokenizer/, as train/run.py loads it
     cfg = compose_config("train", ["experiment=tiny", f"model.name_or_path={tiny_assets / 'model'}"])
     model = load_model(cfg.model, tokenizer, torch.float32, "sdpa")

@@ -100,7 +100,7 @@ def test_presets_compose_to_the_values_they_state():
 
 
 def test_shared_settings_are_written_once():
-    from data_prep.chat_format import INTENT_PREFIX, PAD_TOKEN
+    from data_prep.chat_format import INTENT_PREFIX, PAD_TOKEN, USERLM
     data_prep, perplexity = resolved("data_prep", []), resolved("perplexity", [])
     simulate, intrinsic = resolved("simulate", []), resolved("intrinsic", [])
     # One endpoint client block (core.llm_client.ClientConfig), each stage changing only its own keys.
@@ -114,8 +114,10 @@ def test_shared_settings_are_written_once():
         == intrinsic["intent_prefix"] == INTENT_PREFIX
     assert perplexity["generic_intent"].startswith(INTENT_PREFIX + " ")
     assert intrinsic["role_adherence"]["intent_template"].startswith(INTENT_PREFIX + " find out")
-    assert data_prep["tokenizer"]["pad_token"] == perplexity["pad_token"] == simulate["user_model"]["pad_token"] \
+    assert perplexity["pad_token"] == simulate["user_model"]["pad_token"] \
         == simulate["assistant"]["hf"]["pad_token"] == intrinsic["assistant"]["hf"]["pad_token"] == PAD_TOKEN
+    # data_prep's pad is the chat format's unless set (null), and userlm's is that same constant.
+    assert data_prep["tokenizer"]["pad_token"] is None and USERLM.pad_token == PAD_TOKEN
     # The flipped_chat prompts, shared by perplexity and simulate.
     assert perplexity["flipped_chat"] == simulate["user_model"]["flipped_chat"]
     assert perplexity["flipped_chat"]["system_prompt_with_intent"].startswith("{intent} In this chat")

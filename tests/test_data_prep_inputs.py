@@ -290,13 +290,13 @@ def test_control_characters_are_removed_and_format_characters_counted(tiny_asset
 
 def test_a_turn_holding_a_llama3_special_token_is_malformed_not_trained_on(tiny_tokenizer):
     """The pad token's text in a user turn would be tokenized as the pad id and trained on."""
-    from data_prep.chat_format import PAD_TOKEN, find_control_string
+    from data_prep.chat_format import PAD_TOKEN, USERLM
     from data_prep.conversations import check_turns
     assert PAD_TOKEN in tiny_tokenizer.get_vocab()
     assert tiny_tokenizer.pad_token_id in tiny_tokenizer(f"a {PAD_TOKEN} b", add_special_tokens=False)["input_ids"]
     for token in (PAD_TOKEN, "<|reserved_special_token_250|>", "<|python_tag|>", "<|eom_id|>"):
         turns = [{"role": "user", "content": f"paste: {token} end"}, {"role": "assistant", "content": "ok"}]
-        assert check_turns(turns, "keep_no_end")[0] == "malformed:control_token_in_text", token
-    assert find_control_string("a <|not_a_special_token|> and <| spaced |>") is None
+        assert check_turns(turns, "keep_no_end", USERLM)[0] == "malformed:control_token_in_text", token
+    assert USERLM.find_control_string("a <|not_a_special_token|> and <| spaced |>") is None
     assert check_reply(f"{INTENT_PREFIX} test {PAD_TOKEN}.", "stop",
                        compose_config("data_prep", ["experiment=tiny"]).intents.checks) == (None, "control_token")

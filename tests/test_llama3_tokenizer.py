@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import evaluate.config  # noqa: F401  (registers the schemas before composing)
-from data_prep.chat_format import (END_CONVERSATION, EOT, IGNORE_INDEX, PAD_TOKEN, USER, ChatEncoder,
+from data_prep.chat_format import (END_CONVERSATION, EOT, IGNORE_INDEX, PAD_TOKEN, USER, USERLM, ChatEncoder,
                                    conversation_messages, prepare_tokenizer)
 from evaluate.protocols import make_protocol
 from scripts.get_llama3_tokenizer import (DEFAULT_DIR, Llama3TokenizerError, get_llama3_tokenizer,
@@ -46,7 +46,7 @@ def llama3_dir() -> Path:
 @pytest.fixture(scope="session")
 def llama3(llama3_dir):
     """The tokenizer prepared as data_prep prepares it (tokenizer.pad_token is the config's)."""
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(llama3_dir), PAD_TOKEN)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(llama3_dir), USERLM, PAD_TOKEN)
 
 
 def prepare_sample(llama3_dir: Path, out: Path, mode: str) -> Path:

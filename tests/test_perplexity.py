@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate.config  # noqa: F401  (registers the schemas before composing)
-from data_prep.chat_format import END_CONVERSATION, USER, ChatEncoder
+from data_prep.chat_format import END_CONVERSATION, USER, ChatEncoder, format_of
 from evaluate.perplexity import result_name, run
 from tests.conftest import REPO, compose_config, preset_changes
 
@@ -35,7 +35,11 @@ def hand_computed_nll(model_dir, data_dir, intent: str, limit: int) -> tuple[flo
     its own forward pass and a hand-written log-softmax lookup."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    header = tokenizer("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)["input_ids"]
+    chat_format = format_of(tokenizer)
+    header = tokenizer(chat_format.header_start + USER + chat_format.header_end, add_special_tokens=False)["input_ids"]
+    # What the template writes after a message: the separator (chatml's "\n", userlm's nothing), the user header.
+    after = tokenizer(chat_format.separator + chat_format.header_start + USER + chat_format.header_end,
+                      add_special_tokens=False)["input_ids"]
     total, count = 0.0, 0
     for row in datasets.load_from_disk(str(data_dir / "conversations" / "test")).select(range(limit)):
         messages = ([{"role": "system", "content": row["intent"]}] if intent == "task" else []) + row["turns"]
@@ -44,7 +48,7 @@ def hand_computed_nll(model_dir, data_dir, intent: str, limit: int) -> tuple[flo
             if message["role"] != USER:
                 continue
             prompt = tokenizer.apply_chat_template(messages[:i], return_dict=False) if i else header
-            full = tokenizer.apply_chat_template(messages[:i + 1], return_dict=False)[:-len(header)]
+            full = tokenizer.apply_chat_template(messages[:i + 1], return_dict=False)[:-len(after)]
             with torch.no_grad():
                 log_probs = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
             for t in range(len(prompt), len(full)):
@@ -57,6 +61,19 @@ def hand_computed_nll(model_dir, data_dir, intent: str, limit: int) -> tuple[flo
 def test_ppl_equals_a_hand_computation(tmp_path, tiny_userlm_model, tiny_data, tiny_prism, intent):
     result = score(tmp_path, tiny_userlm_model, tiny_data, tiny_prism, f"intent={intent}", "limit=6")
     total, count = hand_computed_nll(tiny_userlm_model, tiny_data, intent, limit=6)
+    assert_matches(result, total, count)
+
+
+@pytest.mark.parametrize("intent", ["task", "none"])
+def test_a_chatml_user_lm_is_scored_in_its_own_format(tmp_path, tiny_chatml_user_model, tiny_chatml_data, intent):
+    """A Qwen-family base prepared by data_prep with chat_format=chatml: perplexity reads the format
+    from the tokenizer, and scores exactly the user turns as its template renders them."""
+    result = score(tmp_path, tiny_chatml_user_model, tiny_chatml_data, tiny_chatml_data, f"intent={intent}", "limit=6")
+    total, count = hand_computed_nll(tiny_chatml_user_model, tiny_chatml_data, intent, limit=6)
+    assert_matches(result, total, count)
+
+
+def assert_matches(result: dict, total: float, count: int) -> None:
     assert result["target_tokens"] == count
     assert result["nll_sum"] == pytest.approx(total, rel=1e-6)
     assert result["ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)

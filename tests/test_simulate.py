@@ -158,6 +158,25 @@ def test_an_instruct_model_plays_the_user_through_flipped_chat(tiny_chatml_model
     assert all(t.text is not None and not t.ended and 0 < t.tokens <= 6 for t in turns)
 
 
+def test_a_chatml_user_lm_prompts_and_stops_in_its_own_format(tiny_chatml_user_model):
+    """A user LM prepared with chat_format=chatml: the simulator reads the format from its tokenizer
+    (the prompt ends with the bare ChatML user header), stops at <|im_end|> and ends on <|endconversation|>."""
+    from evaluate.simulator import GuardrailSettings, SamplingSettings, TurnRequest, UserSimulator
+    simulator = UserSimulator.from_pretrained(str(tiny_chatml_user_model), SamplingSettings(max_new_tokens=6),
+                                              GuardrailSettings(max_retries=0))
+    history = [{"role": "user", "content": "hello there friend"}, {"role": "assistant", "content": "Hi!"}]
+    prompt = simulator.tokenizer.decode(simulator.protocol.build_prompt("Intent.", history))
+    assert prompt == ("<|im_start|>system\nIntent.<|im_end|>\n<|im_start|>user\nhello there friend<|im_end|>\n"
+                      "<|im_start|>assistant\nHi!<|im_end|>\n<|im_start|>user")
+    tokenizer = simulator.tokenizer
+    assert set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])) <= set(simulator.sampler.stop_token_ids)
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") is None   # a Qwen-family vocabulary: no Llama-3 tokens
+    assert simulator.end_token_id == tokenizer.convert_tokens_to_ids("<|endconversation|>")
+    torch.manual_seed(0)
+    turns = simulator.generate([TurnRequest("Intent.", history, allow_end=False)] * 4)
+    assert all(t.text is not None and not t.ended and 0 < t.tokens <= 6 for t in turns)
+
+
 def test_first_turn_and_next_turn(biased_user_lm):
     """The public one-turn API. The biased user LM ends conversations whenever it can: the first
     turn may not end (the end token is masked), a later one may when allowed, and never when not."""

@@ -11,6 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from transformers import AutoTokenizer
+
+from data_prep.chat_format import format_of
 from data_prep.sources.messages import Malformed, chat_turns
 from tests.conftest import SAMPLE, run_data_prep
 
@@ -50,10 +53,18 @@ def funnel_of(out) -> dict:
     return json.loads((out / "funnel.json").read_text())
 
 
+@pytest.mark.parametrize("chat_format", ["userlm", "chatml"])
 @pytest.mark.parametrize("kind", list(EXPECTED))
-def test_every_row_is_accounted_for_and_only_user_text_is_trained_on(kind, tiny_assets, tiny_tokenizer, tmp_path):
+def test_every_row_is_accounted_for_and_only_user_text_is_trained_on(kind, chat_format, tiny_assets, tiny_qwen_assets,
+                                                                     tmp_path):
+    """The same for a Llama-3 base (userlm) and a Qwen-family base (chatml): the samples' one control
+    string, <|eot_id|>, has the shape of a special token in both."""
     expected = EXPECTED[kind]
-    out = run_data_prep(tiny_assets, tmp_path / kind, f"dataset={kind}", f"data.source={SAMPLE / expected['file']}")
+    base = tiny_assets if chat_format == "userlm" else tiny_qwen_assets
+    out = run_data_prep(base, tmp_path / kind, f"dataset={kind}", f"data.source={SAMPLE / expected['file']}",
+                        f"chat_format={chat_format}")
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert format_of(tokenizer).name == chat_format
     funnel = funnel_of(out)
     assert funnel["input"] == expected["input"]
     assert {s["step"]: s["reasons"] for s in funnel["steps"] if s["removed"]} == expected["removed"]
@@ -71,16 +82,16 @@ def test_every_row_is_accounted_for_and_only_user_text_is_trained_on(kind, tiny_
     for split in examples.values():
         for example in split:
             assert example["conversation_hash"] in expected["keys"]
-            text = tiny_tokenizer.decode(example["input_ids"])
+            text = tokenizer.decode(example["input_ids"])
             for never in expected["never"]:  # system prompts, tool calls and results, a duplicate's text
                 assert never not in text, (never, text)
             targets = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
-            assert tiny_tokenizer.decode(targets).strip() in {c.strip() for c in user_turns_of(conversations)} | {
-                "<|endconversation|><|eot_id|>"}
+            assert tokenizer.decode(targets).strip() in {c.strip() for c in user_turns_of(conversations, tokenizer)} | {
+                "<|endconversation|>" + tokenizer.eos_token}
 
 
-def user_turns_of(conversations) -> list[str]:
-    return [t["content"] + "<|eot_id|>" for split in conversations.values() for c in split for t in c["turns"]
+def user_turns_of(conversations, tokenizer) -> list[str]:
+    return [t["content"] + tokenizer.eos_token for split in conversations.values() for c in split for t in c["turns"]
             if t["role"] == "user"]
 
 

@@ -185,3 +185,41 @@ def test_update_is_the_same_for_any_split_of_the_global_batch(tiny_assets, tiny_
         weights = load_file(output_dir / "model/model.safetensors")
         for name, tensor in weights.items():
             torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_qwen_family_base_trains_exports_and_is_evaluated_in_chatml(tiny_qwen_assets, tiny_chatml_data,
+                                                                      tiny_chatml_user_model, tmp_path):
+    """chat_format=chatml end to end: data_prep's chatml data from a Qwen-family base, trained under
+    ZeRO-3, exported with its ChatML template and <|im_end|> as EOS, scored by perplexity (far below
+    the untrained model's) and played by the simulator, each reading the format from the tokenizer."""
+    import evaluate.config  # noqa: F401
+    from evaluate.perplexity import run as perplexity
+    from evaluate.simulator import GuardrailSettings, SamplingSettings, UserSimulator
+    from transformers import AutoTokenizer, GenerationConfig
+    output_dir = tmp_path / "chatml"
+    log = launch(output_dir, tiny_overrides(tiny_qwen_assets, tiny_chatml_data, *MEMORISE[:-3], "train.epochs=3",
+                                            "train.eval_every=0", "train.save_every=0"))
+    assert_real_deepspeed(log, output_dir)
+    history = steps(output_dir)
+    assert sorted(history) == list(range(1, 7)) and history[6]["loss"] < 0.7 * history[1]["loss"]
+    model_dir = output_dir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_chatml_data / "tokenizer").chat_template
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token_id == GenerationConfig.from_pretrained(model_dir).eos_token_id == im_end
+    assert 'tokenizer.encode("<|im_end|>"' in (model_dir / "README.md").read_text()
+
+    def ppl(model) -> float:
+        cfg = compose_config("perplexity", [
+            "experiment=tiny", f"model={model}", f"data_dirs.wildchat={tiny_chatml_data}",
+            f"data_dirs.prism={tiny_chatml_data}", f"output_dir={tmp_path / 'results'}", "split=train", "limit=8",
+            f"name={Path(model).parent.name}"])
+        return json.loads(perplexity(cfg).read_text())["ppl"]
+    trained, untrained = ppl(model_dir), ppl(tiny_chatml_user_model)
+    assert trained < 0.2 * untrained, (trained, untrained)
+
+    simulator = UserSimulator.from_pretrained(str(model_dir), SamplingSettings(max_new_tokens=8),
+                                              GuardrailSettings(max_retries=1))
+    torch.manual_seed(0)
+    first = simulator.first_turn("You are a user chatting with an assistant language model to plan a trip.")
+    assert first.text and not first.ended

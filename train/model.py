@@ -27,24 +27,26 @@ from transformers.utils import is_flash_attn_2_available
 from transformers.utils.generic import is_flash_attention_requested
 
 from core import artifacts, runtime
-from data_prep.chat_format import CHAT_TEMPLATE, END_CONVERSATION, EOT, IGNORE_INDEX, save_tokenizer
+from data_prep.chat_format import END_CONVERSATION, IGNORE_INDEX, ChatFormat, format_of, save_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(data_dir: Path):
-    """data_prep's prepared tokenizer, checked: <|endconversation|>, chat template, EOS, pad."""
+    """data_prep's prepared tokenizer, checked: <|endconversation|>, one of the chat formats' templates
+    (which names the format: userlm or chatml), its end of turn as EOS, a pad."""
     path = data_dir / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(path)
     problems = []
+    chat_format = format_of(tokenizer)
     if END_CONVERSATION not in tokenizer.get_vocab():
         problems.append(f"no {END_CONVERSATION} token")
-    if tokenizer.eos_token != EOT:
-        problems.append(f"EOS is {tokenizer.eos_token!r}, not {EOT}")
+    if chat_format is None:
+        problems.append("its chat template is neither data_prep.chat_format's userlm nor its chatml template")
+    elif tokenizer.eos_token != chat_format.end_of_turn:
+        problems.append(f"EOS is {tokenizer.eos_token!r}, not {chat_format.end_of_turn}")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         problems.append("no pad token distinct from EOS")
-    if tokenizer.chat_template != CHAT_TEMPLATE:
-        problems.append("its chat template is not data_prep.chat_format.CHAT_TEMPLATE")
     if problems:
         raise ValueError(f"{path}: {'; '.join(problems)} (was it written by data_prep.chat_format.prepare_tokenizer?)")
     return tokenizer
@@ -128,7 +130,7 @@ def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: st
         dtype=dtype, attn_implementation=attn_implementation)
     added = resize_embeddings(model, len(tokenizer))
     log.info("embeddings: %d rows (%d added, initialised to the mean of the others)", len(tokenizer), added)
-    eot, pad = tokenizer.convert_tokens_to_ids(EOT), tokenizer.pad_token_id
+    eot, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # the format's end of turn (load_tokenizer)
     model.config.eos_token_id, model.config.pad_token_id = eot, pad
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eot, pad
     model.config.use_cache = False  # training; the export turns it back on
@@ -254,7 +256,7 @@ def token_losses(model, batch: dict) -> torch.Tensor:
 
 def generation_config(model, tokenizer, generation_cfg) -> GenerationConfig:
     return GenerationConfig(
-        bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(EOT),
+        bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=generation_cfg.do_sample,
         temperature=generation_cfg.temperature, top_p=generation_cfg.top_p)
 
@@ -318,7 +320,7 @@ def count_saved_parameters(directory: Path) -> int:
     return total
 
 
-def model_card(base_model: str, config_yaml: str, manifest: dict, metrics: dict) -> str:
+def model_card(base_model: str, chat_format: ChatFormat, config_yaml: str, manifest: dict, metrics: dict) -> str:
     """README.md of the exported model: what it is, how to run it, what it was trained with/on."""
     return f"""---
 library_name: transformers
@@ -341,7 +343,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 model = AutoModelForCausalLM.from_pretrained(model_path)
 messages = [{{"role": "system", "content": "You are a user chatting with an assistant language model to ..."}}]
 inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=False)
-end_token_id = tokenizer.encode("{EOT}", add_special_tokens=False)
+end_token_id = tokenizer.encode("{chat_format.end_of_turn}", add_special_tokens=False)
 end_conv_token_id = tokenizer.encode("{END_CONVERSATION}", add_special_tokens=False)
 outputs = model.generate(input_ids=inputs, do_sample=True, top_p=0.8, temperature=1, max_new_tokens=10,
                          eos_token_id=end_token_id, pad_token_id=tokenizer.eos_token_id,

@@ -86,7 +86,7 @@ from tqdm import tqdm  # noqa: E402
 
 import train.config  # noqa: E402,F401  (registers the config schema)
 from core import artifacts  # noqa: E402
-from data_prep.chat_format import IGNORE_INDEX  # noqa: E402
+from data_prep.chat_format import IGNORE_INDEX, format_of  # noqa: E402
 from train.checkpoint import find_resume_point, load_checkpoint, read_train_state, save_checkpoint  # noqa: E402
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402
 from train.metrics import MetricsLog, peak_flops_per_device, training_flops  # noqa: E402
@@ -290,7 +290,7 @@ def train_model(cfg) -> Path:
             written = save_model(unwrapped, state_dict, tokenizer, cfg.generation, tmp)
             manifest = json.loads((data_dir / "manifest.json").read_text())
             final = {"steps": total_steps, **(last_eval or {})}
-            artifacts.write_text(tmp / "README.md", model_card(cfg.model.name_or_path,
+            artifacts.write_text(tmp / "README.md", model_card(cfg.model.name_or_path, format_of(tokenizer),
                                                                 OmegaConf.to_yaml(cfg, resolve=True), manifest, final))
         log.info("exported %d parameters to %s", written, output_dir / "model")
     metrics.close()

@@ -8,8 +8,9 @@ report and asked again by the next run.
 
 `intent_problem` is the rule every intent must pass however it arrives, a generated reply or a
 line of a hand-written intents file (data_prep drops, and counts as `bad_intent`, a conversation
-whose intent fails it): not empty (`empty`), no control-token string such as <|eot_id|>
-(`control_token`: it would become real tokens in the system message), and one line
+whose intent fails it): not empty (`empty`), no control-token string of any chat format such as
+<|eot_id|> or <|im_end|> (`control_token`: it would become real tokens in the system message; one
+intents file serves every format), and one line
 (`multi_paragraph`: more than one non-empty line; an intent is one sentence, and a line break is
 never folded away, since what follows it may be an injected instruction).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from data_prep.chat_format import find_control_string
+from data_prep.chat_format import find_any_control_string
 
 _LABEL = re.compile(r"^\s*(?:\*\*)?(?:task\s+)?(?:intent|summary|answer|output|response)(?:\*\*)?\s*[:\-–]\s*",
                     re.IGNORECASE)
@@ -42,7 +43,7 @@ def intent_problem(intent: str) -> Optional[str]:
     """None when `intent` (already stripped) may be a system message, else the reason it may not."""
     if not intent:
         return "empty"
-    if find_control_string(intent):
+    if find_any_control_string(intent):
         return "control_token"
     if len([line for line in intent.splitlines() if line.strip()]) > 1:
         return "multi_paragraph"

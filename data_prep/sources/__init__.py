@@ -35,7 +35,8 @@ class Source:
     # cannot hold), and parsed by `records`.
     reader: str
     # datasets.map (batched) function: raw rows -> records (data_prep.conversations.make_record),
-    # called as records(batch, filters_cfg=..., data_cfg=...).
+    # called as records(batch, filters_cfg=..., data_cfg=..., chat_format=...) (a chat_format.ChatFormat:
+    # whose control strings no turn may hold).
     records: Callable
     check: Callable | None = None          # table: raise naming the file and column of a bad schema
     json_field: str | None = None          # json_rows: the field every row holds (checked on each file's first row)

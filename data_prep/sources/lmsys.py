@@ -25,7 +25,7 @@ def check(schema: pa.Schema, source: str) -> None:
     schemas.check_columns(schema, source, REQUIRED, OPTIONAL, "conversation", ("content", "role"), (), SCHEMA, TURN)
 
 
-def records(batch: dict, filters_cfg, data_cfg) -> dict:
+def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
     keys = batch[data_cfg.id_field]
     column = {c: batch.get(c, [None] * len(keys)) for c in ("language", "redacted", "openai_moderation")}
     users = batch[data_cfg.user_field] if data_cfg.user_field else [None] * len(keys)
@@ -35,7 +35,7 @@ def records(batch: dict, filters_cfg, data_cfg) -> dict:
         flagged = any((m or {}).get("flagged") for m in column["openai_moderation"][i] or [])
         out.append(make_record(
             None if key is None else str(key), [{"role": t["role"], "content": t["content"]} for t in conversation],
-            filters_cfg, language=column["language"][i], toxic=flagged, redacted=column["redacted"][i],
+            filters_cfg, chat_format, language=column["language"][i], toxic=flagged, redacted=column["redacted"][i],
             user_id=None if users[i] is None else str(users[i])))
     return records_batch(out)
 

@@ -104,7 +104,7 @@ def top_level_string(row: dict, field: str | None) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def message_records(batch: dict, filters_cfg, data_cfg, list_field: str, message: Callable) -> dict:
+def message_records(batch: dict, filters_cfg, data_cfg, chat_format, list_field: str, message: Callable) -> dict:
     """datasets.map function for json_rows sources: each row's `list_field` through `message`
     (entry -> (role, content, has_tool_calls), raising Malformed) and chat_turns into a record.
     The key is data.id_field's value, else derived from the turns; the user is data.user_field's."""
@@ -121,7 +121,7 @@ def message_records(batch: dict, filters_cfg, data_cfg, list_field: str, message
                 raise Malformed("malformed:message_not_an_object")
             turns, events = chat_turns([message(e) for e in entries])
         except Malformed as malformed:
-            out.append(make_record(key, [], filters_cfg, malformed=str(malformed)))
+            out.append(make_record(key, [], filters_cfg, chat_format, malformed=str(malformed)))
             continue
-        out.append(make_record(key, turns, filters_cfg, user_id=user, events=events))
+        out.append(make_record(key, turns, filters_cfg, chat_format, user_id=user, events=events))
     return records_batch(out)

@@ -25,8 +25,8 @@ def message(entry: dict) -> tuple[str, object, bool]:
     return role, entry.get("content"), role == ASSISTANT and bool(entry.get("tool_calls") or entry.get("function_call"))
 
 
-def records(batch: dict, filters_cfg, data_cfg) -> dict:
-    return message_records(batch, filters_cfg, data_cfg, SOURCE.json_field, message)
+def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
+    return message_records(batch, filters_cfg, data_cfg, chat_format, SOURCE.json_field, message)
 
 
 SOURCE = Source("openai_messages", reader="json_rows", records=records, json_field="messages")

@@ -42,11 +42,11 @@ def linearize(history: list[dict]) -> tuple[str, list[dict], list[str]]:
     return "", turns, events
 
 
-def records(batch: dict, filters_cfg, data_cfg) -> dict:
+def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
     out = []
     for i, key in enumerate(batch[data_cfg.id_field]):
         malformed, turns, events = linearize(batch["conversation_history"][i] or [])
-        out.append(make_record(key, turns, filters_cfg, user_id=batch["user_id"][i], country="PRISM", events=events,
+        out.append(make_record(key, turns, filters_cfg, chat_format, user_id=batch["user_id"][i], country="PRISM", events=events,
                                malformed=malformed))
     return records_batch(out)
 

@@ -30,8 +30,8 @@ def message(entry: dict) -> tuple[str, object, bool]:
     return ROLES[speaker], value, False
 
 
-def records(batch: dict, filters_cfg, data_cfg) -> dict:
-    return message_records(batch, filters_cfg, data_cfg, SOURCE.json_field, message)
+def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
+    return message_records(batch, filters_cfg, data_cfg, chat_format, SOURCE.json_field, message)
 
 
 SOURCE = Source("sharegpt", reader="json_rows", records=records, json_field="conversations")

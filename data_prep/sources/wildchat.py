@@ -17,18 +17,18 @@ from data_prep.sources import Source
 OPTIONAL = ("language", "toxic", "redacted", "hashed_ip", "country")
 
 
-def records(batch: dict, filters_cfg, data_cfg) -> dict:
+def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
     keys = batch[data_cfg.id_field]
     optional = {c: batch.get(c, [None] * len(keys)) for c in OPTIONAL}
     out = []
     for i, key in enumerate(keys):
         if key is None:
-            out.append(make_record("", [], filters_cfg, malformed=f"malformed:null_{data_cfg.id_field}"))
+            out.append(make_record("", [], filters_cfg, chat_format, malformed=f"malformed:null_{data_cfg.id_field}"))
             continue
         conversation = batch["conversation"][i] or []
         first_user = next((t for t in conversation if t["role"] == USER), {})
         out.append(make_record(
-            key, [{"role": t["role"], "content": t["content"]} for t in conversation], filters_cfg,
+            key, [{"role": t["role"], "content": t["content"]} for t in conversation], filters_cfg, chat_format,
             language=optional["language"][i],
             toxic=optional["toxic"][i] or any(t.get("toxic") for t in conversation),
             redacted=optional["redacted"][i] or any(t.get("redacted") for t in conversation),
