@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluate.extrinsic.code_exec import CodeExecConfig, ExecResult, prepare_answer, run_code_tests
+from evaluate.extrinsic.code_exec import PIDS_CGROUPS, CodeExecConfig, ExecResult, prepare_answer, run_code_tests
 from evaluate.extrinsic.tasks import CODE, SAMPLE_TASKS, CodeTest, Task, TasksConfig, load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,12 +141,17 @@ def test_a_memory_hog_is_stopped(tasks, attempts_root):
     assert run_code_tests(growing, task, roomy) == ExecResult(False, 0, 3, "memory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="Linux does not apply RLIMIT_NPROC to root (documented)")
+NO_PROCESS_CAP = os.geteuid() == 0 and not os.access(PIDS_CGROUPS, os.W_OK)
+
+
+@pytest.mark.skipif(NO_PROCESS_CAP, reason="root without a writable pids cgroup: processes are not capped (documented)")
 def test_forking_is_refused(attempts_root):
     task = probe("fork", "refused")
     code = ("import os\ndef fork():\n    try:\n        pid = os.fork()\n    except OSError:\n        return 'refused'\n"
             "    if pid == 0:\n        os._exit(0)\n    os.waitpid(pid, 0)\n    return 'forked'\n")
     assert run_code_tests(code, task, exec_cfg()).passed
+    # As root, where RLIMIT_NPROC does not bind, a pids cgroup of the attempt's own refused it; it is gone.
+    assert not list(PIDS_CGROUPS.glob("userlm-attempt-*"))
 
 
 def test_stdin_is_closed(attempts_root):

@@ -204,12 +204,14 @@ def test_generation_under_prompt_v2_does_not_reuse_v1s_intents(tmp_path):
 
 def test_faults_are_retried_and_failures_reported(tmp_path):
     store = tmp_path / "intents.jsonl"
-    with OpenAIServer(slow_s=2.0) as server:
+    # A "slow" reply takes twice the client's timeout; an ordinary one must stay well inside it even
+    # on a loaded 2-core machine (at 1 s it did not always: the run then failed with timeouts).
+    with OpenAIServer(slow_s=6.0) as server:
         server.faults.extend(["429", "500", "503", "malformed", "disconnect", "slow", "bad_intent"] * 2)
         poisoned = {"500": "short story", "bad_intent": "email"}  # these conversations always get that fault
         for fault, marker in poisoned.items():
             server.rules.append((lambda body, marker=marker: marker in body["messages"][-1]["content"].lower(), fault))
-        report = generate(store, server.base_url, "intents.openai.timeout_s=1", "intents.openai.max_retries=2")
+        report = generate(store, server.base_url, "intents.openai.timeout_s=3", "intents.openai.max_retries=2")
     failed = Counter(f["reason"] for f in report["failures"])
     assert set(failed) == {"http_500", "multi_paragraph"} and failed == Counter(report["failed"])
     assert report["cached"] + report["done"] + report["failed_total"] == report["conversations"]

@@ -28,10 +28,13 @@ What each attempt gets:
   (RLIMIT_AS: an allocation past it raises MemoryError, reason `memory`), CPU time
   `code.attempt_timeout_s` + 1 s (RLIMIT_CPU), files written at most 16 MiB (RLIMIT_FSIZE), and
   processes (RLIMIT_NPROC = 4, counted over all of its user's processes: in practice the answer
-  cannot start any). Linux does
-  not apply RLIMIT_NPROC to root, so under root a fork bomb is bounded only by the attempt timeout
-  killing the process group (children that start their own session escape it): run as another
-  user or with a command prefix where that matters.
+  cannot start any). Linux does not apply RLIMIT_NPROC to root, so under root each attempt gets
+  its own pids cgroup instead (`/sys/fs/cgroup/pids/userlm-attempt-*`, pids.max = 1: the harness
+  alone, so the answer can start no process or thread, as RLIMIT_NPROC gives in practice; the
+  harness joins it before loading the answer; the cgroup is removed afterwards). Where root has
+  no writable pids cgroup (cgroup v2 without delegation, a container), a warning says that a fork
+  bomb is then bounded only by the attempt timeout killing the process group (children that start
+  their own session escape it): run as another user or with a command prefix where that matters.
 - time: each test `code.test_timeout_s` (a timer signal inside the harness; reason `timeout`), the
   whole attempt `code.attempt_timeout_s`, after which the evaluating process kills the attempt's
   process group (reason `timeout`; the tests that finished before still count in passed_tests).
@@ -67,6 +70,10 @@ log = logging.getLogger(__name__)
 
 FILE_SIZE_LIMIT_BYTES = 16 << 20   # the most one file the answer writes may hold (RLIMIT_FSIZE)
 PROCESS_LIMIT = 4                  # RLIMIT_NPROC: counts every process of the user, so this denies forks
+# root's processes ignore RLIMIT_NPROC: there an attempt runs in a pids cgroup (cgroup v1's hierarchy)
+# that holds the harness alone
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+CGROUP_TASK_LIMIT = 1
 KILL_WAIT_S = 5.0                  # after killing a timed-out attempt's group, how long to wait for it
 IMPORT_LINE = re.compile(r"^(?:import\s+\S.*|from\s+\S+\s+import\s+.+)$")
 
@@ -108,6 +115,12 @@ try:
     limit(resource.RLIMIT_NPROC, spec["processes"])
 except (ValueError, OSError):
     pass
+if spec["cgroup_procs"]:   # root: join the attempt's pids cgroup (RLIMIT_NPROC does not bind root)
+    try:
+        with open(spec["cgroup_procs"], "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:   # a command prefix (a container, bwrap) hides it: its own limits apply
+        pass
 results = os.fdopen(os.dup(1), "w", buffering=1)
 sink = os.open(os.path.join(here, "answer_output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
 os.dup2(sink, 1)
@@ -242,6 +255,7 @@ def run_code_tests(code: str, task, cfg: CodeExecConfig) -> ExecResult:
     if source is None:
         return ExecResult(False, 0, total, "syntax_error")
     root = Path(tempfile.mkdtemp(prefix="userlm-attempt-"))
+    cgroup = _process_cgroup(root.name)
     try:
         work = root / "work"
         work.mkdir()
@@ -251,7 +265,7 @@ def run_code_tests(code: str, task, cfg: CodeExecConfig) -> ExecResult:
             "func_name": task.func_name, "tests": [{"input": t.input, "output": t.output} for t in task.tests],
             "test_timeout_s": cfg.test_timeout_s, "memory_bytes": cfg.memory_mb << 20,
             "cpu_s": math.ceil(cfg.attempt_timeout_s) + 1, "file_bytes": FILE_SIZE_LIMIT_BYTES,
-            "processes": PROCESS_LIMIT}))
+            "processes": PROCESS_LIMIT, "cgroup_procs": str(cgroup / "cgroup.procs") if cgroup else None}))
         prefix = [part.replace("{attempt_dir}", str(root)) for part in cfg.command_prefix]
         results = root / "results.jsonl"
         with open(results, "wb") as out:
@@ -265,9 +279,42 @@ def run_code_tests(code: str, task, cfg: CodeExecConfig) -> ExecResult:
             log.warning("%s: the attempt's interpreter exited with %s: %.500s", task.task_id, process.returncode, other)
         return result
     finally:
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
         shutil.rmtree(root, ignore_errors=True)
         if root.exists():
             log.warning("could not remove the attempt directory %s", root)
+
+
+_warned_no_cgroup = False
+
+
+def _process_cgroup(name: str) -> Path | None:
+    """Under root, a new pids cgroup capped at CGROUP_TASK_LIMIT tasks for one attempt; else None."""
+    global _warned_no_cgroup
+    if os.geteuid() != 0:
+        return None   # RLIMIT_NPROC binds
+    cgroup = PIDS_CGROUPS / name
+    try:
+        cgroup.mkdir()
+        (cgroup / "pids.max").write_text(str(CGROUP_TASK_LIMIT))
+        return cgroup
+    except OSError as error:
+        if cgroup.exists():
+            _remove_cgroup(cgroup)
+        if not _warned_no_cgroup:
+            log.warning("running as root without a writable pids cgroup (%s: %s): an answer's processes are not "
+                        "capped, and a fork bomb is bounded only by the attempt timeout", PIDS_CGROUPS, error)
+            _warned_no_cgroup = True
+        return None
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    """Remove the attempt's cgroup; its one process, the harness, was waited for (or killed) already."""
+    try:
+        cgroup.rmdir()
+    except OSError as error:
+        log.warning("could not remove the attempt's cgroup %s: %s", cgroup, error)
 
 
 def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
