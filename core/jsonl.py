@@ -92,8 +92,13 @@ class JsonlWriter:
             os.fsync(self._fd)
             self._synced = time.monotonic()
 
-    def close(self) -> None:
+    def sync(self) -> None:
+        """Put every row appended so far on disk now."""
         os.fsync(self._fd)
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
         os.close(self._fd)
 
     def __enter__(self) -> "JsonlWriter":

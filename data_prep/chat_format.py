@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum, auto
 from pathlib import Path
@@ -116,8 +117,9 @@ CHATML = ChatFormat(
     "chatml", IM_START, "", IM_END, "\n", IM_END_OF_TEXT, (IM_END, IM_END_OF_TEXT),
     required_tokens=(), added_special_tokens=(IM_START, IM_END, IM_END_OF_TEXT),
     control_strings=(IM_START, IM_END, IM_END_OF_TEXT, END_CONVERSATION),
-    # Qwen's other special tokens (<|fim_prefix|>, <|vision_start|>, <|box_end|>, ...) share this shape.
-    other_special=re.compile(r"<\|[a-z_]+\|>"))
+    # Any other <|name|>: Qwen's special tokens (<|fim_prefix|>, <|vision_start|>, ...), Llama-3's
+    # (<|reserved_special_token_7|>), Phi's, when chatml runs on such a base.
+    other_special=re.compile(r"<\|[a-z0-9_]+\|>"))
 FORMATS = {f.name: f for f in (USERLM, CHATML)}
 
 
@@ -274,10 +276,11 @@ class Example:
         self.add(part.body, None if context else part.target)
 
     def add_cut(self, part: "_Part", budget: int, separator: list[int]) -> None:
-        """Add a message that alone exceeds `budget` tokens, keeping the beginning of its body."""
+        """Add a message that alone exceeds `budget` tokens (its separator's included), keeping the
+        beginning of its body."""
+        budget -= len(separator)
         if self.input_ids:
             self.add(separator, None)
-            budget -= len(separator)
         self.add(part.header, None)
         self.add(part.body[:max(budget - len(part.header), 0)], part.target)
         self.truncated = True
@@ -307,8 +310,8 @@ class ChatEncoder:
     it is a fixed token list per role, and the separator between messages a fixed list too. Headers,
     bodies and separators are split at special tokens (or, for chatml's role names, where every
     byte-level pre-tokenizer splits letters from a newline), so their concatenation equals
-    tokenizing the rendered text. Lengths are budgeted with a separator before every message (one
-    token more than needed for a sequence's first message when it has no system message).
+    tokenizing the rendered text. Every message is budgeted with the separator before it; a
+    sequence that starts without a system message gets its first message's separator back.
     """
 
     def __init__(self, tokenizer):
@@ -340,11 +343,7 @@ class ChatEncoder:
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of `apply_chat_template(messages)`: the messages, then the user header."""
-        bodies = self.encode_bodies([m["content"] for m in messages])
-        ids: list[int] = []
-        for message, body in zip(messages, bodies):
-            ids += self.header_ids[message["role"]] + body + self.separator_ids
-        return ids + self.header_ids[USER]
+        return self.prompt_ids_within(messages, sys.maxsize)[0]
 
     def prompt_ids_within(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
         """(prompt_ids(messages) cut to at most max_tokens, whether anything was cut).
@@ -416,20 +415,22 @@ class ChatEncoder:
         """The tokens a message takes after another: the separator, its header and its body."""
         return len(self.separator_ids) + len(part.ids)
 
-    def _start(self, system: _Part | None) -> tuple[Example, int]:
-        """A new example holding the system message, and the tokens it used."""
+    def _start(self, system: _Part | None, max_seq_len: int) -> tuple[Example, int]:
+        """A new example holding the system message, and the budget left for the messages after it
+        (each charged its separator: without a system message the first has none, so it is given back)."""
         example = Example()
-        if system is not None:
-            example.add_message(system, self.separator_ids)
-        return example, len(example.input_ids)
+        if system is None:
+            return example, max_seq_len + len(self.separator_ids)
+        example.add_message(system, self.separator_ids)
+        return example, max_seq_len - len(example.input_ids)
 
     def _with_history(self, system: _Part | None, turns: list[_Part], index: int, max_seq_len: int) -> Example:
-        example, used = self._start(system)
+        example, budget = self._start(system, max_seq_len)
         target = turns[index]
-        budget = max_seq_len - used - self._cost(target)
-        if budget < 0:
-            example.add_cut(target, max_seq_len - used, self.separator_ids)
+        if self._cost(target) > budget:
+            example.add_cut(target, budget, self.separator_ids)
             return example
+        budget -= self._cost(target)
         start = oldest_kept([self._cost(part) for part in turns[:index]], budget)
         example.truncated = start > 0
         for part in turns[start:index]:
@@ -444,8 +445,7 @@ class ChatEncoder:
             if turns[position].target is None:
                 position += 1  # windows begin at a target; what comes before is context
                 continue
-            example, used = self._start(system)
-            budget = max_seq_len - used
+            example, budget = self._start(system, max_seq_len)
             context = turns[position - 1] if position > 0 else None
             # The previous message as context only if it takes at most half the window and leaves
             # the first target room to fit whole.

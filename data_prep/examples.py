@@ -19,7 +19,7 @@ from data_prep.chat_format import IGNORE_INDEX, SYSTEM, ChatEncoder, conversatio
 from data_prep.intents.checks import intent_problem
 
 INTENT_TOKENIZE_BATCH = 10_000  # intents tokenized per call when measuring them
-INSERTED_TOKENS_MARGIN = 8      # tokens beyond one per byte that a body may get (<|eot_id|>, a prefix)
+INSERTED_TOKENS_MARGIN = 8      # tokens beyond one per byte that a body may get (the end of turn, a prefix)
 
 TURN = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 CONVERSATION_FEATURES = datasets.Features({
@@ -49,7 +49,7 @@ def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> di
     encoder = ChatEncoder(tokenizer)
     header = len(encoder.header_ids[SYSTEM])
     # Every token of a body covers at least one byte of its text, so a body has at most its UTF-8
-    # length in tokens, plus <|eot_id|> and a few a tokenizer may insert (a dummy prefix): an intent
+    # length in tokens, plus its end of turn and a few a tokenizer may insert (a dummy prefix): an intent
     # that fits by that bound is never tokenized here (flip tokenizes it anyway).
     rest = [h for h, intent in intents.items() if h not in unusable and not encoder.system_fits(
         header + len(("\n" + intent).encode("utf-8")) + INSERTED_TOKENS_MARGIN, max_seq_len)]

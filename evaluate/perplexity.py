@@ -12,7 +12,7 @@ with a prompting protocol (evaluate.protocols), scores every user-turn target to
     conversations), breakdown (first_turn, follow_up_turns, end_of_conversation,
     without_end_of_conversation, by_turn), end_token handling, counts, data fingerprint, resolved
     config, package versions. No timings: the same config on the same machine gives the same bytes.
-A target token is every token of a user turn's body ("\\n" + text + <|eot_id|> in UserLM's format)
+A target token is every token of a user turn's body ("\\n" + text + <|eot_id|>, or <|im_end|> in chatml)
 and of the end-of-conversation target; system, headers and assistant turns are context.
 Under protocol userlm, a tokenizer without <|endconversation|> for a model whose embedding has
 rows past the tokenizer's vocabulary (where this pipeline's training puts that token) draws a

@@ -20,8 +20,9 @@ The four guardrails over the API, with the config and the counted interventions 
     length, repetition  rejection sampling, as in the local backend.
 Each request draws `candidates` samples (`n`); they are judged in order, and a turn whose candidates
 all fail is drawn again, until `guardrails.max_retries` samples were rejected (then the last is kept
-and marked failed, as locally). Generation stops at the chat format's end of turn (<|eot_id|>, or
-<|im_end|> for chatml: `stop`, and the server's EOS).
+and marked failed, as locally). Generation stops at the chat format's turn ends, as locally
+(<|eot_id|> and <|end_of_text|>, or <|im_end|> and <|endoftext|> for chatml: `stop`, and the
+server's EOS).
 
 Server faults (429 with Retry-After, 5xx, timeouts, malformed bodies) are retried by the client; a
 request that fails for good (a 400 for an out-of-vocabulary logit_bias, retries exhausted) ends that
@@ -43,7 +44,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from core.llm_client import LLMClient, RequestFailed, bounded_map
-from data_prep.chat_format import END_CONVERSATION
+from data_prep.chat_format import END_CONVERSATION, format_of
 from evaluate.guardrails import RowRecord
 from evaluate.simulate_config import ServedUserConfig
 from evaluate.simulator import Sample
@@ -58,7 +59,7 @@ class ServedTurnSampler:
         self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServedUserConfig), served_cfg))
         self.tokenizer, self.sampling, self.seed = tokenizer, sampling, seed
         self.end_token_id = tokenizer.get_vocab().get(END_CONVERSATION)
-        self.stop = [tokenizer.eos_token]   # the chat format's end of turn (make_protocol prepared the tokenizer)
+        self.stop = list(format_of(tokenizer).stop_tokens)   # make_protocol prepared the tokenizer
         self.drawn = Counter()   # prompt digest -> requests made for it (a fresh seed each time)
 
     def request_params(self, prompt: Sequence[int], forbid_end: bool) -> dict:

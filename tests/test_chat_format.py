@@ -290,3 +290,19 @@ def test_each_format_has_its_own_control_strings():
     assert CHATML.find_control_string("x <| spaced |> and <|Upper|>") is None
     assert find_any_control_string("an intent with <|im_end|>") == "<|im_end|>"
     assert find_any_control_string("an intent with <|eot_id|>") == "<|eot_id|>"
+
+
+@pytest.mark.parametrize("intent", [INTENT, None])
+def test_a_sequence_that_fits_exactly_is_not_cut(formatted, intent):
+    """The budgets are exact: each example (and prompt) at a limit of its own length is the same,
+    uncut, with or without a system message (chatml's first message then has no separator)."""
+    encoder = ChatEncoder(formatted)
+    messages = conversation_messages(intent, TURNS, ended=True)
+    for mode in ("per_turn", "per_conversation"):
+        for example in encoder.flip(messages, mode, 4096):
+            (again,) = [e for e in encoder.flip(messages, mode, len(example.input_ids))
+                        if e.target_turns == example.target_turns] if mode == "per_turn" else \
+                encoder.flip(messages, mode, len(example.input_ids))
+            assert again.input_ids == example.input_ids and not again.truncated
+    prompt = encoder.prompt_ids(messages[:-1])
+    assert encoder.prompt_ids_within(messages[:-1], len(prompt)) == (prompt, False)

@@ -138,6 +138,29 @@ def test_load_model_adds_mean_initialised_rows_and_userlm_eos(tiny_assets, tiny_
     assert base.config.pad_token_id == tokenizer.pad_token_id != eot
 
 
+def test_a_new_token_on_a_padded_matrix_row_gets_the_mean_too(tiny_qwen_assets, tiny_chatml_data, tmp_path):
+    """Qwen2.5 pads its embedding matrix past its tokenizer (151,936 rows, 151,665 tokens): the
+    token data_prep adds lands on an untrained padding row, which must be set like a grown one."""
+    from transformers import AutoTokenizer
+    from scripts.make_tiny_assets import build_model
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_assets / "tokenizer")
+    padded = len(base_tokenizer) + 16
+    build_model(base_tokenizer, hidden=64, layers=2, seed=0, vocab_size=padded).save_pretrained(tmp_path / "model")
+    base_tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = load_tokenizer(tiny_chatml_data)   # the base's tokens, then <|endconversation|>
+    first_new = check_tokenizer_matches_model(tokenizer, model_cfg(tmp_path))
+    assert first_new == len(base_tokenizer) == tokenizer.convert_tokens_to_ids(END_CONVERSATION) == len(tokenizer) - 1
+    untouched = build_model(base_tokenizer, hidden=64, layers=2, seed=0, vocab_size=padded)
+    model = load_model(model_cfg(tmp_path), tokenizer, torch.float32, "sdpa", first_new)
+    for weight, original in ((model.get_input_embeddings().weight, untouched.get_input_embeddings().weight),
+                             (model.get_output_embeddings().weight, untouched.get_output_embeddings().weight)):
+        assert weight.shape[0] == padded   # the padding rows past the tokenizer are kept
+        torch.testing.assert_close(weight[first_new], original[:first_new].mean(0))
+        torch.testing.assert_close(weight[first_new + 1:], original[first_new + 1:])
+        torch.testing.assert_close(weight[:first_new], original[:first_new])
+    assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
 def test_tokenizer_that_disagrees_with_the_model_is_refused(tiny_assets, tiny_data, tmp_path):
     from scripts.make_tiny_assets import build_tokenizer, sample_texts
     shutil.copytree(tiny_assets / "model", tmp_path / "model")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from core import artifacts
-from core.jsonl import jsonl_rows
+from core.jsonl import JsonlWriter, jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,8 @@ def training_flops(matmul_params: int, layers: int, hidden: int, tokens: int, sq
 class MetricsLog:
     """Appends one JSON line per event to <output_dir>/metrics.jsonl and mirrors it to wandb.
 
-    Each line is handed to the operating system as it is written (a kill loses at most that line);
-    `sync` puts the file on disk, and runs before every checkpoint, so a checkpoint never refers to
+    Lines go through core.jsonl.JsonlWriter (a kill loses at most the line being written); `sync`
+    puts the file on disk, and runs before every checkpoint, so a checkpoint never refers to
     metrics that a power cut could lose. On resume the lines after the checkpoint's step are dropped
     first, so the file never holds two different values for one step; a torn last line (a write cut
     short by a kill) is dropped with a warning, like the intents store's.
@@ -69,6 +68,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.writer = None
         if not enabled:
             return
         if self.path.exists():
@@ -76,6 +76,7 @@ class MetricsLog:
             kept = [row for _, row in jsonl_rows(self.path) if row is not None and row["step"] <= resume_step] \
                 if resume_step else []
             artifacts.write_text(self.path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+        self.writer = JsonlWriter(self.path)
         if wandb_cfg.mode != "disabled":
             import wandb
             (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
@@ -85,22 +86,18 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.writer.append(record)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def sync(self) -> None:
         """Put every line written so far on disk (fsync)."""
-        if not self.enabled or not self.path.exists():
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.writer is not None:
+            self.writer.sync()
 
     def close(self) -> None:
-        self.sync()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -27,7 +27,7 @@ from transformers.utils import is_flash_attn_2_available
 from transformers.utils.generic import is_flash_attention_requested
 
 from core import artifacts, runtime
-from data_prep.chat_format import END_CONVERSATION, IGNORE_INDEX, ChatFormat, format_of, save_tokenizer
+from data_prep.chat_format import END_CONVERSATION, IGNORE_INDEX, format_of, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,16 @@ def load_tokenizer(data_dir: Path):
     return tokenizer
 
 
-def check_tokenizer_matches_model(tokenizer, model_cfg) -> None:
-    """Every token of the model's own tokenizer (if it ships one) must keep its id in ours."""
+def check_tokenizer_matches_model(tokenizer, model_cfg) -> int | None:
+    """Every token of the model's own tokenizer (if it ships one) must keep its id in ours. Returns
+    that tokenizer's length, the first id data_prep added (None: the model ships no tokenizer)."""
     try:
         base = AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
                                              trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as error:
-        log.warning("model %s ships no loadable tokenizer (%s): token ids are not cross-checked",
-                    model_cfg.name_or_path, type(error).__name__)
-        return
+        log.warning("model %s ships no loadable tokenizer (%s): token ids are not cross-checked, and only "
+                    "embedding rows past the model's are taken as new", model_cfg.name_or_path, type(error).__name__)
+        return None
     ours = tokenizer.get_vocab()
     moved = [(token, i, ours.get(token)) for token, i in base.get_vocab().items() if ours.get(token) != i]
     if moved:
@@ -68,6 +69,7 @@ def check_tokenizer_matches_model(tokenizer, model_cfg) -> None:
         raise ValueError(f"the data's tokenizer does not match model {model_cfg.name_or_path}: {len(moved)} "
                          f"token(s) differ, e.g. {token!r} is {theirs} in the model's tokenizer and {mine} in "
                          "the data's; rerun data_prep with the model's tokenizer")
+    return len(base)
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -96,31 +98,39 @@ def gathered(params, modifier_rank=None):
     return contextlib.nullcontext()
 
 
-def resize_embeddings(model, vocab_size: int) -> int:
-    """Grow input and output embeddings to `vocab_size` rows; new rows = mean of the existing rows.
+def resize_embeddings(model, vocab_size: int, first_new: int | None = None) -> int:
+    """Give the tokens from `first_new` to `vocab_size` (the ones data_prep added) embedding rows
+    that are the mean of the rows before them, growing the input and output embeddings where the
+    model has fewer than `vocab_size` rows.
 
-    The mean keeps the new token's logit in line with the others (a random row would start it as
-    an outlier). transformers' resize already handles ZeRO-3 partitions; the mean is written with
-    the full matrices gathered. Returns the number of rows added (0: nothing to do; a model with
-    more rows than the tokenizer keeps them).
+    The mean keeps a new token's logit in line with the others (a random row would start it as an
+    outlier). A model may have more rows than its tokenizer has tokens (Qwen2.5 pads its matrix
+    to a multiple of 128; those rows were never trained): a new token that lands on one of them is
+    given the mean too, so `first_new` is the model's own tokenizer's length; None (no tokenizer
+    shipped): the rows past the model's. transformers' resize already handles ZeRO-3 partitions;
+    the mean is written with the full matrices gathered. Returns the number of rows set; rows past
+    `vocab_size` are kept as they are.
     """
     embeddings = model.get_input_embeddings()
     with gathered([embeddings.weight]):
         old = embeddings.weight.shape[0]
-    if vocab_size <= old:
+    first = old if first_new is None else min(first_new, old)
+    if first >= vocab_size:
         return 0
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
     matrices = [model.get_input_embeddings().weight]
     if not model.config.get_text_config().tie_word_embeddings:
         matrices.append(model.get_output_embeddings().weight)
     with gathered(matrices, modifier_rank=0), torch.no_grad():
         for weight in matrices:
-            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
-    return vocab_size - old
+            weight[first:vocab_size] = weight[:first].mean(dim=0, keepdim=True)
+    return vocab_size - first
 
 
-def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: str):
-    """The base model, with embeddings for the tokenizer and UserLM's EOS/pad in its configs.
+def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: str, first_new_token: int | None = None):
+    """The base model, with embeddings for the tokenizer (mean rows for the tokens from
+    `first_new_token` on: resize_embeddings) and the chat format's EOS and the pad in its configs.
 
     Under ZeRO-3 (an Accelerator with a ZeRO-3 DeepSpeedPlugin exists) the weights are partitioned
     across processes as they load.
@@ -128,8 +138,8 @@ def load_model(model_cfg, tokenizer, dtype: torch.dtype, attn_implementation: st
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
         dtype=dtype, attn_implementation=attn_implementation)
-    added = resize_embeddings(model, len(tokenizer))
-    log.info("embeddings: %d rows (%d added, initialised to the mean of the others)", len(tokenizer), added)
+    added = resize_embeddings(model, len(tokenizer), first_new_token)
+    log.info("embeddings: %d tokens (%d new, initialised to the mean of the others)", len(tokenizer), added)
     eot, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # the format's end of turn (load_tokenizer)
     model.config.eos_token_id, model.config.pad_token_id = eot, pad
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eot, pad
@@ -320,7 +330,7 @@ def count_saved_parameters(directory: Path) -> int:
     return total
 
 
-def model_card(base_model: str, chat_format: ChatFormat, config_yaml: str, manifest: dict, metrics: dict) -> str:
+def model_card(base_model: str, end_of_turn: str, config_yaml: str, manifest: dict, metrics: dict) -> str:
     """README.md of the exported model: what it is, how to run it, what it was trained with/on."""
     return f"""---
 library_name: transformers
@@ -343,7 +353,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 model = AutoModelForCausalLM.from_pretrained(model_path)
 messages = [{{"role": "system", "content": "You are a user chatting with an assistant language model to ..."}}]
 inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=False)
-end_token_id = tokenizer.encode("{chat_format.end_of_turn}", add_special_tokens=False)
+end_token_id = tokenizer.encode("{end_of_turn}", add_special_tokens=False)
 end_conv_token_id = tokenizer.encode("{END_CONVERSATION}", add_special_tokens=False)
 outputs = model.generate(input_ids=inputs, do_sample=True, top_p=0.8, temperature=1, max_new_tokens=10,
                          eos_token_id=end_token_id, pad_token_id=tokenizer.eos_token_id,

@@ -20,7 +20,7 @@ with their launcher (a `kill -9` of `accelerate launch` stops the run). In `outp
 by rank 0 only):
     .userlm-stage (marks the folder as train's)  config.yaml  run_info.json  metrics.jsonl  wandb/
     checkpoints/step_XXXXXXXX/
-    model/       safetensors, config.json, generation_config.json (EOS <|eot_id|>), tokenizer files
+    model/       safetensors, config.json, generation_config.json (EOS: <|eot_id|>, or <|im_end|> in chatml), tokenizer files
                  with the chat template, README.md (model card: config, data manifest, metrics);
                  loadable by transformers 4.x and 5.x alike (scripts/checkpoint_compat.py checks it)
 """
@@ -86,7 +86,7 @@ from tqdm import tqdm  # noqa: E402
 
 import train.config  # noqa: E402,F401  (registers the config schema)
 from core import artifacts  # noqa: E402
-from data_prep.chat_format import IGNORE_INDEX, format_of  # noqa: E402
+from data_prep.chat_format import IGNORE_INDEX  # noqa: E402
 from train.checkpoint import find_resume_point, load_checkpoint, read_train_state, save_checkpoint  # noqa: E402
 from train.data import Plan, batch_arithmetic, collate, evaluation_batches, load_split, make_rows  # noqa: E402
 from train.metrics import MetricsLog, peak_flops_per_device, training_flops  # noqa: E402
@@ -165,9 +165,9 @@ def train_model(cfg) -> Path:
              epoch["target_tokens_per_epoch"] // epoch["steps_per_epoch"], arithmetic)
 
     # ---- model, optimiser, schedule under DeepSpeed -----------------------------------------------
-    check_tokenizer_matches_model(tokenizer, cfg.model)
+    first_new_token = check_tokenizer_matches_model(tokenizer, cfg.model)
     attention = resolve_attention(cfg.model.attn_implementation)
-    model = load_model(cfg.model, tokenizer, dtype, attention)
+    model = load_model(cfg.model, tokenizer, dtype, attention, first_new_token)
     checkpointing = resolve_gradient_checkpointing(cfg.model.gradient_checkpointing)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -290,7 +290,7 @@ def train_model(cfg) -> Path:
             written = save_model(unwrapped, state_dict, tokenizer, cfg.generation, tmp)
             manifest = json.loads((data_dir / "manifest.json").read_text())
             final = {"steps": total_steps, **(last_eval or {})}
-            artifacts.write_text(tmp / "README.md", model_card(cfg.model.name_or_path, format_of(tokenizer),
+            artifacts.write_text(tmp / "README.md", model_card(cfg.model.name_or_path, tokenizer.eos_token,
                                                                 OmegaConf.to_yaml(cfg, resolve=True), manifest, final))
         log.info("exported %d parameters to %s", written, output_dir / "model")
     metrics.close()
