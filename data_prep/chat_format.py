@@ -28,6 +28,7 @@ read the format from data_prep's saved tokenizer, never from a setting of their 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -95,6 +96,14 @@ class ChatFormat:
                 "message['content'] + '" + self.end_of_turn + separator + "' -}}"
                 "{%- endfor -%}"
                 "{{- '" + self.header_start + USER + self.header_end + "' -}}")
+
+    def with_tokenizer_specials(self, tokenizer) -> ChatFormat:
+        """This format, its control strings extended by every special token of `tokenizer` that it
+        does not catch already (a base of another family: Gemma's <start_of_turn>, say): data_prep's
+        check of the turns, where the tokenizer is known (`python -m data_prep.intents` needs none)."""
+        specials = sorted({token.content for token in tokenizer.added_tokens_decoder.values() if token.special})
+        extra = tuple(token for token in specials if self.find_control_string(token) is None)
+        return dataclasses.replace(self, control_strings=self.control_strings + extra) if extra else self
 
     def find_control_string(self, text: str) -> str | None:
         """The first control string (or other special token of the family) that `text` holds, or None."""

@@ -40,7 +40,7 @@ import data_prep.examples
 import data_prep.sources.messages
 from core import artifacts
 from data_prep import sources
-from data_prep.chat_format import get_format, prepare_tokenizer, save_tokenizer
+from data_prep.chat_format import ChatFormat, get_format, prepare_tokenizer, save_tokenizer
 from data_prep.conversations import RECORD_FEATURES
 from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
@@ -87,10 +87,13 @@ class Selection(NamedTuple):
         return self.records.select([r for rows in self.split_rows.values() for r in rows])
 
 
-def select_conversations(cfg, start: float | None = None) -> Selection:
+def select_conversations(cfg, start: float | None = None, chat_format: ChatFormat | None = None) -> Selection:
     """load -> normalise -> filter -> split by user (also used by `python -m data_prep.intents`).
-    `start`: time.perf_counter() at the start of the run, for the stage timings logged."""
+    `start`: time.perf_counter() at the start of the run, for the stage timings logged.
+    `chat_format`: whose control strings no turn may hold; default cfg.chat_format's (data_prep adds
+    its tokenizer's special tokens: ChatFormat.with_tokenizer_specials)."""
     start = time.perf_counter() if start is None else start
+    chat_format = chat_format or get_format(cfg.chat_format)
     # ---- load --------------------------------------------------------------------------------
     source = sources.get(cfg.data.kind)
     raw, provenance = load_source(cfg.data)
@@ -100,13 +103,14 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
     if cfg.filters.languages is not None and "language" not in raw.column_names:
         raise ValueError(f"{cfg.data.source}: no 'language' column to filter on; set filters.languages=null")
     fingerprint = artifacts.config_hash(FORMAT_VERSION, CODE_VERSION, provenance, artifacts.resolved_config(cfg.filters),
-                                        cfg.data.id_field, cfg.data.user_field, cfg.chat_format)
+                                        cfg.data.id_field, cfg.data.user_field, chat_format.name,
+                                        chat_format.control_strings)
     map_args = dict(batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if len(raw) > cfg.batch_size else None)
 
     log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
     records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data,
-                                                 "chat_format": get_format(cfg.chat_format)},
+                                                 "chat_format": chat_format},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 
@@ -143,14 +147,14 @@ def prepare(cfg) -> Path:
     inputs = [cfg.data.source, cfg.intents.path, cfg.tokenizer.name_or_path]
     artifacts.check_replaceable(output_dir, "data_prep", cfg.overwrite, inputs)
     start = time.perf_counter()
-    selection = select_conversations(cfg, start)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_format)
+    selection = select_conversations(cfg, start, get_format(cfg.chat_format).with_tokenizer_specials(tokenizer))
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
 
     # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
     # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
     # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
     intents = get_intents(cfg.intents, selection.kept())
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_format)
     hashes_of = {split: records.select(rows)["conversation_hash"] for split, rows in split_rows.items()}
     unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
                                 tokenizer, cfg.max_seq_len)

@@ -158,3 +158,27 @@ def test_message_rules(messages, turns, events):
 def test_message_rules_malformed(messages, reason):
     with pytest.raises(Malformed, match=reason):
         chat_turns(messages)
+
+
+def test_a_turn_holding_a_special_token_of_the_tokenizer_in_use_is_malformed(tiny_qwen_assets, tmp_path):
+    """chatml on a base of another family: its own special tokens (here Gemma's <start_of_turn>) are
+    control strings too, though neither format names them; the same rows pass with a base without it."""
+    from transformers import AutoTokenizer
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "paste: <start_of_turn>model hi"},
+                                     {"role": "assistant", "content": "ok"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "plan a trip"}, {"role": "assistant", "content": "ok"}]}]
+    source = tmp_path / "logs.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "intents.jsonl").write_text("".join(json.dumps(
+        {"conversation_hash": key, "intent": "You are a user chatting with an assistant language model to plan a trip."})
+        + "\n" for key in ("a", "b")))
+    base = AutoTokenizer.from_pretrained(tiny_qwen_assets / "tokenizer")
+    base.add_special_tokens({"additional_special_tokens": ["<start_of_turn>"]})
+    base.save_pretrained(tmp_path / "gemma_like" / "tokenizer")
+
+    def malformed(assets, name):
+        out = run_data_prep(assets, tmp_path / "out" / name, "dataset=openai_messages", f"data.source={source}",
+                            "chat_format=chatml", f"intents.path={tmp_path / 'intents.jsonl'}")
+        return next(s["reasons"] for s in funnel_of(out)["steps"] if s["step"] == "malformed")
+    assert malformed(tmp_path / "gemma_like", "gemma_like") == {"malformed:control_token_in_text": 1}
+    assert malformed(tiny_qwen_assets, "qwen") == {}
