@@ -95,6 +95,17 @@ def build_model(tokenizer, hidden: int, layers: int, seed: int, vocab_size: int 
     return LlamaForCausalLM(config)
 
 
+def write_tiny_assets(out: Path, sample_dir: Path = SAMPLE_DIR, vocab_size: int = 2048, hidden: int = 64,
+                      layers: int = 2, seed: int = 0, family: str = "llama3") -> LlamaForCausalLM:
+    """out/tokenizer, and out/model (the model with its tokenizer); returns the model."""
+    tokenizer = build_tokenizer(sample_texts(sample_dir), vocab_size, family)
+    tokenizer.save_pretrained(out / "tokenizer")
+    model = build_model(tokenizer, hidden, layers, seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/tiny"))
@@ -105,13 +116,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tokenizer = build_tokenizer(sample_texts(args.sample_dir), args.vocab_size, args.family)
-    tokenizer.save_pretrained(args.out / "tokenizer")
-    model = build_model(tokenizer, args.hidden, args.layers, args.seed)
-    model.save_pretrained(args.out / "model")
-    tokenizer.save_pretrained(args.out / "model")
+    model = write_tiny_assets(args.out, args.sample_dir, args.vocab_size, args.hidden, args.layers, args.seed,
+                              args.family)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tokenizer: {len(tokenizer)} tokens; model: {n_params:,} parameters -> {args.out}")
+    print(f"tokenizer: {model.config.vocab_size} tokens; model: {n_params:,} parameters -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -26,26 +26,18 @@ SAMPLE = REPO / "data_prep" / "sample"
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
     """outputs of scripts/make_tiny_assets.py: <dir>/tokenizer and <dir>/model."""
-    from scripts.make_tiny_assets import build_model, build_tokenizer, sample_texts
+    from scripts.make_tiny_assets import write_tiny_assets
     out = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer(sample_texts(SAMPLE), vocab_size=2048)
-    tokenizer.save_pretrained(out / "tokenizer")
-    model = build_model(tokenizer, hidden=64, layers=2, seed=0)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    write_tiny_assets(out, SAMPLE)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_assets(tmp_path_factory) -> Path:
     """The tiny Qwen-family base (scripts/make_tiny_assets.py --family qwen): <dir>/tokenizer and <dir>/model."""
-    from scripts.make_tiny_assets import build_model, build_tokenizer, sample_texts
+    from scripts.make_tiny_assets import write_tiny_assets
     out = tmp_path_factory.mktemp("tiny_qwen")
-    tokenizer = build_tokenizer(sample_texts(SAMPLE), vocab_size=2048, family="qwen")
-    tokenizer.save_pretrained(out / "tokenizer")
-    model = build_model(tokenizer, hidden=64, layers=2, seed=0)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    write_tiny_assets(out, SAMPLE, family="qwen")
     return out
 
 
