@@ -129,15 +129,14 @@ class CompletionsServer(LocalServer):
                     continue
                 token = self.draw(logits[i], r)
                 r.tokens.append(token)
-                r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-                cut = min((r.text.find(s) for s in r.stop if s and s in r.text), default=-1)
-                if token in self.eos or cut >= 0:
-                    r.finish_reason, running[i] = "stop", False
+                stopped = token in self.eos or self.stop_in_tail(r)
+                if stopped or len(r.tokens) >= r.max_tokens:
+                    r.finish_reason, running[i] = ("stop" if stopped else "length"), False
                     if token in self.eos:
                         r.tokens.pop()
-                    r.text = r.text[:cut] if cut >= 0 else self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-                elif len(r.tokens) >= r.max_tokens:
-                    r.finish_reason, running[i] = "length", False
+                    r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+                    cut = min((r.text.find(s) for s in r.stop if s and s in r.text), default=-1)
+                    r.text = r.text[:cut] if cut >= 0 else r.text
                 next_ids.append(token)
             if not any(running):
                 break
@@ -145,6 +144,15 @@ class CompletionsServer(LocalServer):
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask, position_ids=positions,
                              cache=out.cache, use_cache=True)
+
+    def stop_in_tail(self, row: Row) -> bool:
+        """Whether a stop string ends in the newest tokens: a window of them as long as the longest
+        stop in characters (every token decodes to at least one byte), not the whole text again."""
+        longest = max((len(s.encode("utf-8")) for s in row.stop if s), default=0)
+        if not longest:
+            return False
+        tail = self.tokenizer.decode(row.tokens[-(longest + 1):], skip_special_tokens=True)
+        return any(s and s in tail for s in row.stop)
 
     @staticmethod
     def draw(logits: torch.Tensor, row: Row) -> int:

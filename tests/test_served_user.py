@@ -130,3 +130,23 @@ def test_intrinsic_drives_the_user_lm_its_simulation_served(biased_user_lm, tiny
     metrics = json.loads(path.read_text())["metrics"]
     assert {"first_turn_diversity", "role_adherence"} <= set(metrics)
     assert server.stats.requests > during_simulation > 0   # the metrics' turns came from the server too
+
+
+def test_the_server_cuts_the_text_before_a_stop_string(tiny_userlm_model):
+    """scripts/completions_server.py's `stop`: greedy text with a piece of itself as the stop string
+    ends right before that piece's first occurrence, finish_reason stop."""
+    import aiohttp
+    import asyncio
+
+    async def complete(base_url, **params):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base_url}/completions", json={"model": "tiny", "prompt": [1, 2, 3],
+                                                                     "temperature": 0, **params}) as response:
+                return (await response.json())["choices"][0]
+    with CompletionsServer(str(tiny_userlm_model)) as server:
+        free = asyncio.run(complete(server.base_url, max_tokens=24))
+        text = free["text"]
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        assert len(text) > 8 and stop.strip()
+        cut = asyncio.run(complete(server.base_url, max_tokens=24, stop=[stop]))
+    assert (cut["text"], cut["finish_reason"]) == (text[:text.find(stop)], "stop")
