@@ -137,12 +137,26 @@ class FlippedChatProtocol:
         return self._ids(self._render(self.messages(intent, turns, ended=False), generation_prompt=True))
 
     def prompt_within(self, intent: str | None, turns: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
-        """build_prompt cut to max_tokens (the module's rule), rendered by the template each time."""
+        """build_prompt cut to max_tokens (the module's rule), rendered by the template each time: the
+        system message stays and the oldest others go first, the fewest that make it fit found by
+        bisection (a rendering only shortens as messages go), so a long history costs log2 of its
+        length in renderings."""
         messages = self.messages(intent, turns, ended=False)
-        for first in range(1, len(messages)):   # the system message stays; the oldest others go first
+
+        def from_message(first: int) -> list[int] | None:   # the system message and messages[first:], if it fits
             ids = self._ids(self._render(messages[:1] + messages[first:], generation_prompt=True))
-            if len(ids) <= max_tokens:
-                return ids, first > 1
+            return ids if len(ids) <= max_tokens else None
+        if (whole := from_message(1)) is not None:
+            return whole, False
+        too_long, fits, kept = 1, len(messages), None   # from_message(too_long) is None; fits: not yet known
+        while fits - too_long > 1:
+            middle = (too_long + fits) // 2
+            if (ids := from_message(middle)) is None:
+                too_long = middle
+            else:
+                fits, kept = middle, ids
+        if kept is not None:
+            return kept, True
         system_only = self._ids(self._render(messages[:1], generation_prompt=True))
         if len(system_only) > max_tokens:
             raise ValueError(f"the system prompt ({len(system_only)} tokens) leaves no room in {max_tokens} tokens")
