@@ -62,6 +62,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -196,6 +197,21 @@ class _Conversation:
     added: bool | None = None                                # None: not judged
     added_how: str | None = None                             # verbatim, yes, no, malformed, failed
 
+    @cached_property
+    def user_words(self) -> set[str]:
+        """The words of every user turn, as _lexically_conveyed compares them (each shard asks for them)."""
+        return set().union(*map(_words, self.user_turns))
+
+    @cached_property
+    def unigram_difference(self) -> float | None:
+        """The share of the user turns' distinct unigrams that no shard holds (None: no user words);
+        computed once, though the conversation is in several blocks (overall, its kind)."""
+        user = set().union(*(unigrams(turn) for turn in self.user_turns))
+        if not user:
+            return None
+        shards = set().union(*(unigrams(shard.text) for shard in self.task.shards))
+        return len(user - shards) / len(user)
+
 
 def _conversation(number: int, record: dict, tasks: Mapping[str, Task]) -> _Conversation:
     where = f"transcript record {number}"
@@ -233,7 +249,7 @@ def _words(text: str) -> set[str]:
 def _lexically_conveyed(shard: str, c: _Conversation, threshold: float) -> bool:
     words = _words(shard)
     words = (words - STOPWORDS) or words
-    return not words or len(words & set().union(*map(_words, c.user_turns))) / len(words) >= threshold
+    return not words or len(words & c.user_words) / len(words) >= threshold
 
 
 def _user_text(turns: Sequence[str]) -> str:
@@ -286,14 +302,6 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _unigram_difference(c: _Conversation) -> float | None:
-    user = set().union(*(unigrams(turn) for turn in c.user_turns))
-    if not user:
-        return None
-    shards = set().union(*(unigrams(shard.text) for shard in c.task.shards))
-    return len(user - shards) / len(user)
-
-
 def _block(conversations: Sequence[_Conversation], judged: bool) -> dict:
     by_task: dict[str, list[_Conversation]] = {}
     for c in sorted(conversations, key=lambda c: (c.task.task_id, c.run)):
@@ -311,7 +319,7 @@ def _block(conversations: Sequence[_Conversation], judged: bool) -> dict:
         per_task.append({"mean": float(turns.mean()), "variance": float(turns.var()), "range_p10": float(t10),
                          "range_p90": float(t90), "performance": float(scores.mean()), "aptitude_a90": float(s90),
                          "unreliability_u90_10": float(s90 - s10)})
-    differences = [d for d in map(_unigram_difference, conversations) if d is not None]
+    differences = [c.unigram_difference for c in conversations if c.unigram_difference is not None]
     added = [c.added for c in conversations if c.added is not None]
     return {
         "conversations": len(conversations),
