@@ -59,11 +59,19 @@ CODE_VERSION = artifacts.source_hash(
     *(importlib.import_module(f"data_prep.sources.{name}") for name in sources.NAMES))
 
 
+# The stages in order; each logs one line `data_prep stage {"stage", "end_s", "peak_main_gib"}` when it
+# ends (seconds since the run started, the main process's peak RSS so far), which
+# benchmarks/data_prep_scale.py reads. Timings go only to the log: the outputs stay the same bytes on
+# every run.
+STAGES = ("load", "normalise", "filter", "split", "intents", "flip + tokenize", "save")
+STAGE_LOG_PREFIX = "data_prep stage "
+
+
 def log_stage(stage: str, start: float) -> None:
-    """Log a finished stage: seconds since the run started and this process's peak memory so far."""
+    """Log a finished stage (one of STAGES) as one JSON line after STAGE_LOG_PREFIX."""
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    log.info("%s done at %.1f s (peak memory of the main process so far: %.2f GiB)", stage,
-             time.perf_counter() - start, peak_gib)
+    log.info("%s%s", STAGE_LOG_PREFIX, json.dumps({"stage": stage, "end_s": round(time.perf_counter() - start, 3),
+                                                    "peak_main_gib": round(peak_gib, 2)}))
 
 
 def load_tokenizer(tokenizer_cfg):
@@ -228,6 +236,7 @@ def prepare(cfg) -> Path:
         if cfg.filters.write_dropped:
             artifacts.write_text(tmp / "dropped.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in dropped))
 
+    log_stage("save", start)
     print(funnel.table())
     for split, s in stats.items():
         print(f"{split}: {s['examples']} examples, {s['tokens']} tokens ({s['target_tokens']} targets), "
