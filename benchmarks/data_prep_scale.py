@@ -86,7 +86,7 @@ def _user_turns(rng: random.Random) -> int:
     return 1 + int(math.log(1 - rng.random()) / math.log(1 - p))
 
 
-def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], Path]:
+def generate(out: Path, rows: int, shards: int, seed: int) -> None:
     """Write `shards` parquet files of synthetic WildChat rows into out/shards/ (data_prep refuses a
     folder mixing parquet and JSON Lines) and an intents JSONL into out/."""
     rng = random.Random(seed)
@@ -95,7 +95,6 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
     popularity = [1 / (rank + 1) for rank in range(len(templates))]
     names, weights = zip(*LANGUAGES)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    files = []
     with open(out / "intents.jsonl", "w") as intents:
         for shard in range(shards):
             writer = WildChatWriter(rng)
@@ -121,9 +120,7 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
                                                     "model to " + _words(rng, vocabulary, 10, 0.3, 20)}) + "\n")
             path = out / "shards" / f"train-{shard:05d}-of-{shards:05d}.parquet"
             pq.write_table(writer.table(), path, compression="zstd")
-            files.append(path)
             print(f"  shard {shard + 1}/{shards}: {n} rows", flush=True)
-    return files, out / "intents.jsonl"
 
 
 def tokenizer_limit(conversations_dir: Path, tokenizer_dir: Path) -> dict:
@@ -277,11 +274,12 @@ def main() -> None:
 
     input_dir = args.workdir / f"input-{args.rows}-{args.seed}"
     start = time.perf_counter()
-    if (input_dir / "intents.jsonl").exists() and (input_dir / "shards").is_dir():
-        files, intents = sorted((input_dir / "shards").glob("*.parquet")), input_dir / "intents.jsonl"
-    else:
+    if not input_dir.is_dir():  # generated beside it, renamed into place when complete
         print(f"generating {args.rows} synthetic conversations in {args.shards} shards ...", flush=True)
-        files, intents = generate(input_dir, args.rows, args.shards, args.seed)
+        partial = input_dir.with_name(input_dir.name + f".partial-{os.getpid()}")
+        generate(partial, args.rows, args.shards, args.seed)
+        partial.rename(input_dir)
+    intents = input_dir / "intents.jsonl"
     generate_seconds = time.perf_counter() - start
     if args.cold and (args.workdir / "hf_cache").exists():
         shutil.rmtree(args.workdir / "hf_cache")
