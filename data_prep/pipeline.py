@@ -113,7 +113,10 @@ def select_conversations(cfg, start: float | None = None) -> Selection:
 
     log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
-    records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data},
+    # The records functions read the filters and data settings for every row: as the schema's
+    # dataclasses (OmegaConf.to_object) rather than DictConfigs, whose every attribute read costs ~90 us.
+    records = raw.map(source.records, fn_kwargs={"filters_cfg": OmegaConf.to_object(cfg.filters),
+                                                 "data_cfg": OmegaConf.to_object(cfg.data)},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
 
