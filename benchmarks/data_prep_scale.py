@@ -19,7 +19,9 @@ The limit: the bare fast tokenizer (`backend_tokenizer.encode_batch`, all cores)
 text data_prep must tokenize, every message and intent of the kept conversations (read back from
 the output's `conversations/`, as data_prep tokenizes them: "\\n" + text), timed in the same run
 after data_prep has finished. data_prep's wall time and each stage's (from its `data_prep stage`
-log lines) are reported as multiples of it. Goal: total <= 1.3x.
+log lines) are reported as multiples of it. Goal: total <= 1.3x. `--limit-every K` times one chunk
+of 1,000 kept conversations in K and scales by characters (the full-N runs use K=4: the exact limit
+takes as long as data_prep's tokenizing).
 
 Memory, sampled every 0.25 s over data_prep's whole process tree from /proc/<pid>/smaps_rollup:
 `anon` is the sum of Pss_Anon (anonymous pages, each shared page divided among the processes
@@ -123,15 +125,20 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> None:
             print(f"  shard {shard + 1}/{shards}: {n} rows", flush=True)
 
 
-def tokenizer_limit(conversations_dir: Path, tokenizer_dir: Path) -> dict:
+def tokenizer_limit(conversations_dir: Path, tokenizer_dir: Path, every: int = 1) -> dict:
     """Seconds the bare fast tokenizer (batched, all cores) takes on exactly what data_prep tokenizes:
     "\\n" + every intent and turn of the kept conversations. Only the encode calls are timed; the
-    texts are read 10,000 at a time, so memory stays flat."""
+    texts are read 1,000 conversations at a time, so memory stays flat. every > 1 times one chunk
+    in `every` and scales the seconds by the characters of all chunks over those of the timed ones
+    (for full-N runs, where the exact limit would take as long as data_prep itself)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     import datasets
+    import pyarrow.compute as pc
     from transformers import AutoTokenizer
     backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer
-    seconds, texts, tokens, pending = 0.0, 0, 0, []
+    seconds = 0.0
+    texts = tokens = timed_chars = all_chars = chunk = 0
+    pending: list[str] = []
 
     def encode():
         nonlocal seconds, texts, tokens
@@ -142,16 +149,25 @@ def tokenizer_limit(conversations_dir: Path, tokenizer_dir: Path) -> dict:
         pending.clear()
 
     for split_dir in sorted(p for p in conversations_dir.iterdir() if p.is_dir()):
-        split = datasets.load_from_disk(str(split_dir)).select_columns(["intent", "turns"])
+        split = datasets.load_from_disk(str(split_dir)).select_columns(["intent", "turns"]).with_format("arrow")
         for batch in split.iter(batch_size=1000):
-            for intent, turns in zip(batch["intent"], batch["turns"]):
-                pending.append("\n" + intent)
-                pending.extend("\n" + turn["content"] for turn in turns)
-            if len(pending) >= ENCODE_BATCH:
-                encode()
+            contents = pc.list_flatten(batch["turns"]).combine_chunks().field("content")
+            chars = (pc.sum(pc.utf8_length(contents)).as_py() or 0) + (pc.sum(pc.utf8_length(batch["intent"])).as_py() or 0)
+            all_chars += chars
+            if chunk % every == 0:
+                timed_chars += chars
+                for intent, turns in zip(batch["intent"].to_pylist(), batch["turns"].to_pylist()):
+                    pending.append("\n" + intent)
+                    pending.extend("\n" + turn["content"] for turn in turns)
+                if len(pending) >= ENCODE_BATCH:
+                    encode()
+            chunk += 1
     if pending:
         encode()
-    return {"seconds": round(seconds, 1), "texts": texts, "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+    scale = all_chars / timed_chars
+    return {"seconds": round(seconds * scale, 1), "timed_seconds": round(seconds, 1), "timed_share": round(1 / scale, 4),
+            "texts_timed": texts, "tokens_timed": tokens, "tokens_per_s": round(tokens / seconds),
+            "tokens_estimated": round(tokens * scale)}
 
 
 def rollup(pid: int) -> dict[str, int]:
@@ -266,6 +282,8 @@ def main() -> None:
                         help="run data_prep inside a memory cgroup capped at this many GiB (root, cgroup v1)")
     parser.add_argument("--warm-rerun", action="store_true", help="run data_prep again on the warm cache and time it")
     parser.add_argument("--cold", action="store_true", help="empty the benchmark's datasets cache first")
+    parser.add_argument("--limit-every", type=int, default=1,
+                        help="time the limit on one chunk of 1,000 kept conversations in this many, scaled by characters")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="a name for this run in the JSON (default: rows and mode)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "data_prep_scale.json")
@@ -303,7 +321,7 @@ def main() -> None:
         if warm["returncode"]:
             raise SystemExit(f"the warm rerun failed with exit code {warm['returncode']}")
 
-    limit = tokenizer_limit(output_dir / "conversations", tokenizer)
+    limit = tokenizer_limit(output_dir / "conversations", tokenizer, args.limit_every)
     manifest = json.loads((output_dir / "manifest.json").read_text())
     load = os.getloadavg()
     result = {

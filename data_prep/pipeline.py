@@ -44,7 +44,7 @@ from core import artifacts
 from data_prep import sources
 from data_prep.chat_format import CHAT_TEMPLATE, prepare_tokenizer, save_tokenizer
 from data_prep.conversations import RECORD_FEATURES
-from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
+from data_prep.examples import (EXAMPLE_FEATURES, conversations_with_intents, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
 from data_prep.intents import get_intents
@@ -175,7 +175,7 @@ def prepare(cfg) -> Path:
     unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
                                 tokenizer, cfg.max_seq_len)
     reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
-    conversations = {}
+    conversations, joined = {}, {}   # split -> dataset, and its fingerprint
     for split, rows in split_rows.items():
         usable = []
         for row, h in zip(rows, hashes_of[split]):
@@ -185,14 +185,9 @@ def prepare(cfg) -> Path:
                 dropped.append({"row": row, "conversation_hash": h, "step": step, "reason": reason})
             else:
                 usable.append((row, h))
-        if usable:
-            selected = records.select([r for r, _ in usable]).select_columns(
-                [c for c in CONVERSATION_FEATURES if c != "intent"]).flatten_indices()
-            conversations[split] = selected.add_column("intent", [intents[h] for _, h in usable],
-                                                       feature=CONVERSATION_FEATURES["intent"])
-        else:  # add_column fails on an empty selection of a multi-file dataset (the output of num_proc > 1)
-            conversations[split] = datasets.Dataset.from_dict({c: [] for c in CONVERSATION_FEATURES},
-                                                              features=CONVERSATION_FEATURES)
+        usable_rows, usable_intents = [r for r, _ in usable], [intents[h] for _, h in usable]
+        joined[split] = artifacts.config_hash(fingerprint, usable_rows, usable_intents)
+        conversations[split] = conversations_with_intents(records, usable_rows, usable_intents, joined[split])
         funnel.kept[split] = len(usable)
     for step, counts in reasons.items():
         funnel.remove(step, counts)
@@ -210,7 +205,7 @@ def prepare(cfg) -> Path:
             # The conversations' own fingerprint covers the records, which rows this split holds and
             # their intents; a different split or intent can never reuse another's cached examples.
             new_fingerprint=f"flip-{split}-" + artifacts.config_hash(
-                dataset._fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
+                joined[split], tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
             desc=f"flip {split}", **dict(map_args, num_proc=cfg.num_proc if len(dataset) > cfg.batch_size else None))
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}
