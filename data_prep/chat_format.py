@@ -384,7 +384,8 @@ class _Part:
     header: list[int]
     body: list[int]
     target: int | None
+    # header + body, built once: per_turn reads every earlier message's ids for each target.
+    ids: list[int] = field(init=False)
 
-    @property
-    def ids(self) -> list[int]:
-        return self.header + self.body
+    def __post_init__(self):
+        self.ids = self.header + self.body

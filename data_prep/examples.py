@@ -100,8 +100,9 @@ def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> di
     return unusable
 
 
-def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:
-    """datasets.map (batched) function: conversations -> examples (one-to-many)."""
+def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> pa.Table:
+    """datasets.map (batched) function: conversations -> examples (one-to-many), returned as an
+    Arrow table of EXAMPLE_FEATURES (converted here by pyarrow, not by datasets' typed sequences)."""
     encoder = ChatEncoder(tokenizer)
     conversations = [conversation_messages(intent, turns, ended)
                      for intent, turns, ended in zip(batch["intent"], batch["turns"], batch["ended"])]
@@ -119,7 +120,7 @@ def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:
             out["num_target_tokens"].append(example.num_target_tokens)
             out["target_turns"].append(example.target_turns)
             out["truncated"].append(example.truncated)
-    return out
+    return pa.Table.from_pydict({column: out[column] for column in EXAMPLE_FEATURES}, schema=EXAMPLE_FEATURES.arrow_schema)
 
 
 def token_statistics(examples: datasets.Dataset) -> dict:
