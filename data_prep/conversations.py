@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import re
 import sys
 import unicodedata
@@ -75,8 +76,9 @@ def exact_key(turns: list[dict]) -> str:
 
 def near_key(turns: list[dict], ngram: int) -> str:
     """The first `ngram` words of the normalised first user turn; "" when it has fewer words."""
-    words = _WORD.findall(turns[0]["content"].lower()) if turns else []
-    return " ".join(words[:ngram]) if len(words) >= ngram else ""
+    # Only the first `ngram` words are matched: a first turn can be a paste of thousands of words.
+    words = [m.group() for m in itertools.islice(_WORD.finditer(turns[0]["content"].lower()), ngram)] if turns else []
+    return " ".join(words) if len(words) == ngram else ""
 
 
 def user_key(hashed_ip: str | None, country: str | None) -> str | None:
