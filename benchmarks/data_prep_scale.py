@@ -23,7 +23,7 @@ log lines) are reported as multiples of it. Goal: total <= 1.3x. `--limit-every 
 of 1,000 kept conversations in K and scales by characters (the full-N runs use K=4: the exact limit
 takes as long as data_prep's tokenizing).
 
-Memory, sampled every 0.25 s over data_prep's whole process tree from /proc/<pid>/smaps_rollup:
+Memory, sampled every second over data_prep's whole process tree from /proc/<pid>/smaps_rollup:
 `anon` is the sum of Pss_Anon (anonymous pages, each shared page divided among the processes
 sharing it: what cannot be reclaimed), `file` the sum of Pss_File (file-backed pages, mostly the
 memory-mapped Arrow files, which the kernel drops under pressure), and the main process's own
@@ -72,7 +72,7 @@ TEMPLATED = 0.20             # share of conversations opening with a pasted temp
 ROWS_PER_TEMPLATE = 500
 ENCODE_BATCH = 10_000
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-SAMPLE_SECONDS = 0.25
+SAMPLE_SECONDS = 1.0   # reading smaps_rollup walks the page tables of each process: not too often
 GOALS = {"seconds_vs_limit": 1.3, "memory_cap_gib": 6, "warm_vs_cold": 0.1}
 
 

@@ -9,6 +9,10 @@
                                                                        # (see data_prep/intents/__main__.py)
 
 Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
+Each logs one line when it ends, `data_prep stage {"stage": ..., "end_s": ..., "peak_main_gib": ...}`
+(seconds since the run started; benchmarks/data_prep_scale.py reads them). The intents join is
+written by Arrow into one cached file per split; flip maps over it, so a rerun with the same config
+reuses every step's cache and only filters, splits, reads the intents and saves again.
 Outputs in `output_dir`, written atomically (a COMPLETED marker last), under a lock held for the whole run.
 `output_dir` must be empty, absent or data_prep's own complete earlier output (`overwrite=true` replaces
 anything else, except a folder that holds an input of the run):
