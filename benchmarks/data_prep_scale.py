@@ -1,21 +1,42 @@
-"""data_prep at WildChat-1M scale on this machine: wall time, throughput, peak memory.
+"""data_prep at WildChat-1M scale on this machine, against its real limit: wall time per stage,
+memory (anonymous apart from file-backed), inside a memory cap, and a warm rerun.
 
-    python benchmarks/data_prep_scale.py                  # N = 837,989 (WildChat-1M's row count)
-    python benchmarks/data_prep_scale.py --rows 50000     # a quick run
-    python benchmarks/data_prep_scale.py --tokenizer tiny # the sample's 2k BPE instead of Llama-3's
+    python benchmarks/data_prep_scale.py                       # N = 837,989 (WildChat-1M's row count)
+    python benchmarks/data_prep_scale.py --rows 100000         # a quicker run
+    python benchmarks/data_prep_scale.py --memory-cap-gib 6    # inside a 6 GiB memory cgroup
+    python benchmarks/data_prep_scale.py --flip-mode per_conversation --warm-rerun
+    python benchmarks/data_prep_scale.py --tokenizer tiny      # the sample's 2k BPE instead of Llama-3's
 
-Generates N synthetic conversations in WildChat-1M's exact parquet schema (14 shards, like the
-hub's) with a realistic length distribution (user turns per conversation geometric with mean ~2.5,
-capped at 20; user turns lognormal around 20 words with a long tail of pastes; replies around 150
-words; 57% English; a few percent exact duplicates), an intent for each, then runs the whole
-`python -m data_prep` on them in a subprocess with `--tokenizer` (default llama3: Meta-Llama-3-8B's
-real tokenizer, benchmarks/tokenizer_choice.py; tiny: the sample's 2k BPE), sampling the RSS of its
-whole process tree. The limit it is compared with is the raw batched throughput of the same
-tokenizer on the same text (all cores). Figures go to stdout and --json.
-Goals (2 cores, full N): <= 10 minutes, <= 6 GiB peak, end-to-end tokens/s >= 50% of raw. Peak
-memory is reported twice: the sum of RSS over the process tree (which counts pages shared by the
-forked workers, and touched pages of memory-mapped Arrow files, several times) and the sum of PSS
-(each shared page divided among its sharers: the memory actually in use).
+Input: N synthetic conversations in WildChat-1M's exact parquet schema (14 shards, like the hub's),
+an intent for each. Lengths follow WildChat-1M's published statistics: about 2.5 user turns per
+conversation (geometric, and 1% long conversations of 10 to 60 turns, so a long tail that
+max_seq_len truncates), user turns lognormal around 20 words with a tail of pastes, replies
+around 150 words; 57% English; 3% exact duplicates; and 20% of conversations open with one of
+N/500 pasted templates (Zipf-popular, the same first 10 words, then their own text), which the
+near-duplicate step removes, as the paper's removed about 20% of English conversations.
+
+The limit: the bare fast tokenizer (`backend_tokenizer.encode_batch`, all cores) on exactly the
+text data_prep must tokenize, every message and intent of the kept conversations (read back from
+the output's `conversations/`, as data_prep tokenizes them: "\\n" + text), timed in the same run
+after data_prep has finished. data_prep's wall time and each stage's (from its `data_prep stage`
+log lines) are reported as multiples of it. Goal: total <= 1.3x. `--limit-every K` times one chunk
+of 1,000 kept conversations in K and scales by characters (the full-N runs use K=4: the exact limit
+takes as long as data_prep's tokenizing).
+
+Memory, sampled every second over data_prep's whole process tree from /proc/<pid>/smaps_rollup:
+`anon` is the sum of Pss_Anon (anonymous pages, each shared page divided among the processes
+sharing it: what cannot be reclaimed), `file` the sum of Pss_File (file-backed pages, mostly the
+memory-mapped Arrow files, which the kernel drops under pressure), and the main process's own
+anonymous memory. With --memory-cap-gib the run happens inside a cgroup v1 memory cgroup
+(/sys/fs/cgroup/memory/<name>, root only) capped at that size; the benchmark reports whether it
+completed and the cgroup's memory.max_usage_in_bytes (which also counts page cache), then removes
+the cgroup. Where no cgroup can be created it says so and runs uncapped.
+
+--warm-rerun runs data_prep a second time with the same cache and output directory (its own
+complete output, which it replaces) and reports that time as a fraction of the first (goal < 10%).
+
+Figures go to stdout and --json (benchmarks/results/data_prep_scale.json by default; the README's
+benchmark table quotes them).
 """
 
 from __future__ import annotations
@@ -25,6 +46,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,12 +59,21 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.make_sample import SAMPLE_DIR, WildChatWriter  # noqa: E402
 from benchmarks import tokenizer_choice  # noqa: E402
+from data_prep.pipeline import STAGE_LOG_PREFIX, STAGES  # noqa: E402
+from scripts.make_sample import SAMPLE_DIR, WildChatWriter  # noqa: E402
 from scripts.make_tiny_assets import sample_texts  # noqa: E402
 
 LANGUAGES = [("English", 0.57), ("Chinese", 0.15), ("Russian", 0.12), ("French", 0.04), ("Spanish", 0.04),
              ("Portuguese", 0.03), ("German", 0.03), ("Arabic", 0.02)]
+MEAN_USER_TURNS = 2.2        # of the short conversations; with the long ones, about 2.5 overall
+LONG_CONVERSATIONS = 0.01    # share of conversations with 10 to 60 user turns
+TEMPLATED = 0.20             # share of conversations opening with a pasted template
+ROWS_PER_TEMPLATE = 500
+ENCODE_BATCH = 10_000
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+SAMPLE_SECONDS = 1.0   # reading smaps_rollup walks the page tables of each process: not too often
+GOALS = {"seconds_vs_limit": 1.3, "memory_cap_gib": 6, "warm_vs_cold": 0.1}
 
 
 def _words(rng: random.Random, vocabulary: list[str], median: float, sigma: float, cap: int) -> str:
@@ -50,14 +81,22 @@ def _words(rng: random.Random, vocabulary: list[str], median: float, sigma: floa
     return " ".join(rng.choices(vocabulary, k=n))
 
 
-def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], Path]:
+def _user_turns(rng: random.Random) -> int:
+    if rng.random() < LONG_CONVERSATIONS:
+        return rng.randint(10, 60)
+    p = 1 / MEAN_USER_TURNS  # geometric on 1, 2, ... with this mean
+    return 1 + int(math.log(1 - rng.random()) / math.log(1 - p))
+
+
+def generate(out: Path, rows: int, shards: int, seed: int) -> None:
     """Write `shards` parquet files of synthetic WildChat rows into out/shards/ (data_prep refuses a
     folder mixing parquet and JSON Lines) and an intents JSONL into out/."""
     rng = random.Random(seed)
     vocabulary = sorted({w for text in sample_texts(SAMPLE_DIR) for w in text.split() if w.isascii() and "<|" not in w})
+    templates = [" ".join(rng.choices(vocabulary, k=10)) for _ in range(max(10, rows // ROWS_PER_TEMPLATE))]
+    popularity = [1 / (rank + 1) for rank in range(len(templates))]
     names, weights = zip(*LANGUAGES)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    files = []
     with open(out / "intents.jsonl", "w") as intents:
         for shard in range(shards):
             writer = WildChatWriter(rng)
@@ -67,10 +106,12 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
                 if previous is not None and rng.random() < 0.03:
                     turns = previous  # an exact duplicate
                 else:
-                    k = min(20, 1 + int(rng.expovariate(1 / 1.5)))
                     turns = []
-                    for _ in range(k):
-                        turns.append(("user", _words(rng, vocabulary, 20, 1.3, 6000)))
+                    for k in range(_user_turns(rng)):
+                        text = _words(rng, vocabulary, 20, 1.3, 6000)
+                        if k == 0 and rng.random() < TEMPLATED:
+                            text = rng.choices(templates, popularity)[0] + " " + text
+                        turns.append(("user", text))
                         turns.append(("assistant", _words(rng, vocabulary, 150, 0.9, 3000)))
                 row = writer.add(turns, language=rng.choices(names, weights)[0])
                 if turns is previous:
@@ -81,64 +122,152 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> tuple[list[Path], 
                                                     "model to " + _words(rng, vocabulary, 10, 0.3, 20)}) + "\n")
             path = out / "shards" / f"train-{shard:05d}-of-{shards:05d}.parquet"
             pq.write_table(writer.table(), path, compression="zstd")
-            files.append(path)
             print(f"  shard {shard + 1}/{shards}: {n} rows", flush=True)
-    return files, out / "intents.jsonl"
 
 
-def raw_tokenizer_rate(files: list[Path], tokenizer_dir: Path, fraction: float) -> dict:
-    """Batched tokens/s of the bare tokenizer (all cores) on the input's message text."""
+def tokenizer_limit(conversations_dir: Path, tokenizer_dir: Path, every: int = 1) -> dict:
+    """Seconds the bare fast tokenizer (batched, all cores) takes on exactly what data_prep tokenizes:
+    "\\n" + every intent and turn of the kept conversations. Only the encode calls are timed; the
+    texts are read 1,000 conversations at a time, so memory stays flat. every > 1 times one chunk
+    in `every` and scales the seconds by the characters of all chunks over those of the timed ones
+    (for full-N runs, where the exact limit would take as long as data_prep itself)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    import datasets
+    import pyarrow.compute as pc
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    texts = []
-    for path in files[:max(1, round(len(files) * fraction))]:
-        for conversation in pq.read_table(path, columns=["conversation"]).column("conversation").to_pylist():
-            texts += ["\n" + turn["content"] for turn in conversation]
-    start = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(texts), 10_000):
-        tokens += sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts[i:i + 10_000],
-                                                                                  add_special_tokens=False))
-    seconds = time.perf_counter() - start
-    return {"texts": len(texts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "fraction_of_input": fraction}
+    backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer
+    seconds = 0.0
+    texts = tokens = timed_chars = all_chars = chunk = 0
+    pending: list[str] = []
+
+    def encode():
+        nonlocal seconds, texts, tokens
+        start = time.perf_counter()
+        encoded = backend.encode_batch(pending, add_special_tokens=False)
+        seconds += time.perf_counter() - start
+        texts, tokens = texts + len(pending), tokens + sum(len(e.ids) for e in encoded)
+        pending.clear()
+
+    for split_dir in sorted(p for p in conversations_dir.iterdir() if p.is_dir()):
+        split = datasets.load_from_disk(str(split_dir)).select_columns(["intent", "turns"]).with_format("arrow")
+        for batch in split.iter(batch_size=1000):
+            contents = pc.list_flatten(batch["turns"]).combine_chunks().field("content")
+            chars = (pc.sum(pc.utf8_length(contents)).as_py() or 0) + (pc.sum(pc.utf8_length(batch["intent"])).as_py() or 0)
+            all_chars += chars
+            if chunk % every == 0:
+                timed_chars += chars
+                for intent, turns in zip(batch["intent"].to_pylist(), batch["turns"].to_pylist()):
+                    pending.append("\n" + intent)
+                    pending.extend("\n" + turn["content"] for turn in turns)
+                if len(pending) >= ENCODE_BATCH:
+                    encode()
+            chunk += 1
+    if pending:
+        encode()
+    scale = all_chars / timed_chars
+    return {"seconds": round(seconds * scale, 1), "timed_seconds": round(seconds, 1), "timed_share": round(1 / scale, 4),
+            "texts_timed": texts, "tokens_timed": tokens, "tokens_per_s": round(tokens / seconds),
+            "tokens_estimated": round(tokens * scale)}
 
 
-def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_dir: Path, num_proc: int) -> dict:
+def rollup(pid: int) -> dict[str, int]:
+    """Pss_Anon, Pss_File and Anonymous of one process, in bytes (/proc/<pid>/smaps_rollup)."""
+    values = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Pss_Anon", "Pss_File", "Anonymous"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory cgroup capped at `gib`, for one child process tree; None where the
+    machine does not allow one (not root, no cgroup v1 memory controller)."""
+
+    def __init__(self, name: str, gib: float):
+        self.path = CGROUP_ROOT / name
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(int(gib * 2**30)))
+
+    @classmethod
+    def create(cls, name: str, gib: float | None) -> MemoryCgroup | None:
+        if gib is None:
+            return None
+        try:
+            return cls(name, gib)
+        except OSError as e:
+            print(f"no memory cgroup ({CGROUP_ROOT / name}: {e}): running without the {gib} GiB cap", flush=True)
+            return None
+
+    def enter(self) -> None:  # in the child, before exec: it and everything it starts are inside
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def report(self) -> dict:
+        return {"max_usage_gib": round(int((self.path / "memory.max_usage_in_bytes").read_text()) / 2**30, 2),
+                "failcnt": int((self.path / "memory.failcnt").read_text()),
+                "limit_gib": round(int((self.path / "memory.limit_in_bytes").read_text()) / 2**30, 2)}
+
+    def remove(self) -> None:
+        self.path.rmdir()
+
+
+def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_dir: Path, args,
+                  cgroup: MemoryCgroup | None, log_path: Path) -> dict:
+    """Run `python -m data_prep` in a subprocess, sampling its process tree's memory; return the
+    wall time, each stage's end time (from its log), the memory peaks and the exit code."""
     command = [sys.executable, "-m", "data_prep", "experiment=tiny", f"data.source={files_dir}",
                f"intents.path={intents}", f"tokenizer.name_or_path={tokenizer_dir}", f"output_dir={output_dir}",
-               "max_seq_len=2048", f"num_proc={num_proc}", "batch_size=1000", "filters.write_dropped=true"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(output_dir.parent / "hf_cache"))
-    peak = peak_pss = 0
+               "max_seq_len=2048", f"num_proc={args.num_proc}", "batch_size=1000", "filters.write_dropped=true",
+               f"flip.mode={args.flip_mode}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(args.workdir / "hf_cache"))
+    peaks = {"anon": 0, "file": 0, "total": 0, "main_anon": 0}
     done = threading.Event()
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=env)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, preexec_fn=cgroup.enter if cgroup else None)
 
     def sample():
-        # RSS counts every page a process maps, so the pages that forked workers share with the main
-        # process, and the touched pages of memory-mapped Arrow files, are counted several times. PSS
-        # splits each shared page among its sharers: its sum over the tree is the memory in use.
-        nonlocal peak, peak_pss
         root = psutil.Process(process.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
-                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
+                values = [rollup(p.pid) for p in tree]
             except (psutil.Error, OSError):
-                pass
-            time.sleep(0.2)
+                values = []
+            if values:
+                anon, file = sum(v["Pss_Anon"] for v in values), sum(v["Pss_File"] for v in values)
+                for key, value in (("anon", anon), ("file", file), ("total", anon + file),
+                                   ("main_anon", values[0]["Anonymous"])):
+                    peaks[key] = max(peaks[key], value)
+            time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    stages = {}
+    with open(log_path, "w") as log:
+        for line in process.stdout:
+            log.write(line)
+            print(line, end="", flush=True)
+            if line.startswith(STAGE_LOG_PREFIX):
+                record = json.loads(line[len(STAGE_LOG_PREFIX):])
+                stages[record["stage"]] = record["end_s"]
     returncode = process.wait()
     done.set()
     sampler.join()
-    if returncode:
-        raise SystemExit(f"data_prep failed with exit code {returncode}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_gib": peak / 2**30,
-            "peak_pss_gib": peak_pss / 2**30}
+    return {"seconds": time.perf_counter() - start, "returncode": returncode, "stage_end_s": stages,
+            **{f"peak_{key}_gib": round(value / 2**30, 2) for key, value in peaks.items()}}
+
+
+def per_stage(stage_end_s: dict, limit_seconds: float) -> dict:
+    """Each stage's own seconds (from the cumulative end times) and its multiple of the limit."""
+    out, previous = {}, 0.0
+    for stage in STAGES:
+        if stage in stage_end_s:
+            seconds = stage_end_s[stage] - previous
+            previous = stage_end_s[stage]
+            out[stage] = {"seconds": round(seconds, 1), "vs_limit": round(seconds / limit_seconds, 3)}
+    return out
 
 
 def main() -> None:
@@ -148,51 +277,79 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "data_prep_scale")
     tokenizer_choice.add_tokenizer_argument(parser)
     parser.add_argument("--num-proc", type=int, default=2)
-    parser.add_argument("--raw-fraction", type=float, default=1 / 14, help="share of shards timed for the raw rate")
+    parser.add_argument("--flip-mode", default="per_turn", choices=["per_turn", "per_conversation"])
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="run data_prep inside a memory cgroup capped at this many GiB (root, cgroup v1)")
+    parser.add_argument("--warm-rerun", action="store_true", help="run data_prep again on the warm cache and time it")
+    parser.add_argument("--cold", action="store_true", help="empty the benchmark's datasets cache first")
+    parser.add_argument("--limit-every", type=int, default=1,
+                        help="time the limit on one chunk of 1,000 kept conversations in this many, scaled by characters")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default=None, help="a name for this run in the JSON (default: rows and mode)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "data_prep_scale.json")
     args = parser.parse_args()
     tokenizer = tokenizer_choice.tokenizer_dir(args.tokenizer)
 
     input_dir = args.workdir / f"input-{args.rows}-{args.seed}"
     start = time.perf_counter()
-    if (input_dir / "intents.jsonl").exists() and (input_dir / "shards").is_dir():
-        files, intents = sorted((input_dir / "shards").glob("*.parquet")), input_dir / "intents.jsonl"
-    else:
+    if not input_dir.is_dir():  # generated beside it, renamed into place when complete
         print(f"generating {args.rows} synthetic conversations in {args.shards} shards ...", flush=True)
-        files, intents = generate(input_dir, args.rows, args.shards, args.seed)
+        partial = input_dir.with_name(input_dir.name + f".partial-{os.getpid()}")
+        generate(partial, args.rows, args.shards, args.seed)
+        partial.rename(input_dir)
+    intents = input_dir / "intents.jsonl"
     generate_seconds = time.perf_counter() - start
+    if args.cold and (args.workdir / "hf_cache").exists():
+        shutil.rmtree(args.workdir / "hf_cache")
 
-    raw = raw_tokenizer_rate(files, tokenizer, args.raw_fraction)
-    print(f"raw tokenizer: {raw['tokens_per_s']:,.0f} tokens/s on {raw['tokens']:,} tokens", flush=True)
-    input_tokens = raw["tokens"] / raw["fraction_of_input"] if raw["fraction_of_input"] < 1 else raw["tokens"]
+    output_dir = args.workdir / f"output-{args.rows}-{args.flip_mode}"
+    cgroup = MemoryCgroup.create(f"userlm-data-prep-scale-{os.getpid()}", args.memory_cap_gib)
+    try:
+        prep = run_data_prep(input_dir / "shards", intents, tokenizer, output_dir, args, cgroup,
+                             args.workdir / f"log-{args.rows}-{args.flip_mode}.txt")
+        capped = dict(cgroup.report(), completed=prep["returncode"] == 0) if cgroup else None
+    finally:
+        if cgroup:
+            cgroup.remove()
+    if prep["returncode"]:
+        print(json.dumps({"memory_cgroup": capped}, indent=2))
+        raise SystemExit(f"data_prep failed with exit code {prep['returncode']}")
+    warm = None
+    if args.warm_rerun:
+        warm = run_data_prep(input_dir / "shards", intents, tokenizer, output_dir, args, None,
+                             args.workdir / f"log-{args.rows}-{args.flip_mode}-warm.txt")
+        if warm["returncode"]:
+            raise SystemExit(f"the warm rerun failed with exit code {warm['returncode']}")
 
-    output_dir = args.workdir / "output"
-    prep = run_data_prep(input_dir / "shards", intents, tokenizer, output_dir, args.num_proc)
+    limit = tokenizer_limit(output_dir / "conversations", tokenizer, args.limit_every)
     manifest = json.loads((output_dir / "manifest.json").read_text())
-    examples_tokens = sum(s["tokens"] for s in manifest["token_statistics"].values())
+    load = os.getloadavg()
     result = {
-        "rows": args.rows, "tokenizer": args.tokenizer, "num_proc": args.num_proc, "cpu_count": os.cpu_count(),
+        "rows": args.rows, "tokenizer": args.tokenizer, "flip_mode": args.flip_mode, "num_proc": args.num_proc,
+        "cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in load],
         "generate_seconds": round(generate_seconds, 1),
+        "limit": limit,
         "data_prep_seconds": round(prep["seconds"], 1),
-        "conversations_per_s": round(args.rows / prep["seconds"], 1),
-        "input_tokens_estimated": int(input_tokens),
-        "end_to_end_input_tokens_per_s": round(input_tokens / prep["seconds"]),
-        "raw_tokenizer_tokens_per_s": round(raw["tokens_per_s"]),
-        "end_to_end_vs_raw": round(input_tokens / prep["seconds"] / raw["tokens_per_s"], 3),
-        "example_tokens_written": examples_tokens,
-        "peak_rss_gib": round(prep["peak_rss_gib"], 2),
-        "peak_pss_gib": round(prep["peak_pss_gib"], 2),
-        "funnel": manifest["counts"],
-        "goals": {"seconds": 600, "peak_rss_gib": 6, "end_to_end_vs_raw": 0.5},
+        "data_prep_vs_limit": round(prep["seconds"] / limit["seconds"], 3),
+        "stages": per_stage(prep["stage_end_s"], limit["seconds"]),
+        "memory_gib": {key[len("peak_"):-len("_gib")]: prep[key] for key in prep if key.startswith("peak_")},
+        "memory_cgroup": capped,
+        "warm_rerun": None if warm is None else {
+            "seconds": round(warm["seconds"], 1), "vs_cold": round(warm["seconds"] / prep["seconds"], 3),
+            "stages": per_stage(warm["stage_end_s"], limit["seconds"])},
+        "kept_conversations": manifest["counts"]["kept_total"],
+        "example_tokens_written": sum(s["tokens"] for s in manifest["token_statistics"].values()),
+        "funnel_steps": {s["step"]: s["removed"] for s in manifest["counts"]["steps"]},
+        "goals": GOALS,
     }
+    print(json.dumps(result, indent=2))
+    # One JSON file holds every run, keyed by its label, so the runs the README quotes sit side by side.
+    label = args.label or f"{args.rows}-{args.flip_mode}"
+    runs = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    runs[label] = result
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    for key in ("rows", "data_prep_seconds", "conversations_per_s", "end_to_end_input_tokens_per_s",
-                "raw_tokenizer_tokens_per_s", "end_to_end_vs_raw", "example_tokens_written", "peak_rss_gib",
-                "peak_pss_gib"):
-        print(f"{key:>32}: {result[key]:,}" if not isinstance(result[key], float) else f"{key:>32}: {result[key]}")
-    print(f"wrote {args.json}")
+    args.json.write_text(json.dumps(runs, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {label} into {args.json}")
 
 
 if __name__ == "__main__":

@@ -305,11 +305,11 @@ class Example:
 
     @property
     def num_target_tokens(self) -> int:
-        return sum(1 for t in self.target_turn if t >= 0)
+        return len(self.target_turn) - self.target_turn.count(-1)
 
     @property
     def target_turns(self) -> list[int]:
-        return sorted(set(t for t in self.target_turn if t >= 0))
+        return sorted(set(self.target_turn) - {-1})
 
 
 class ChatEncoder:
@@ -344,11 +344,19 @@ class ChatEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_bodies(self, contents: Sequence[str]) -> list[list[int]]:
-        """Body token ids ("\\n" + content + end of turn) of many messages in one batched call."""
-        if not contents:  # (a tokenizer call on an empty batch raises)
-            return []
-        encoded = self.tokenizer(["\n" + c for c in contents], add_special_tokens=False)["input_ids"]
-        return [ids + [self.eot_id] for ids in encoded]
+        """Body token ids ("\\n" + content + end of turn) of many messages in one batched call.
+
+        Straight to the fast tokenizer's backend (tokenizers.Tokenizer.encode_batch), the ids
+        `tokenizer(texts, add_special_tokens=False)` returns without building its BatchEncoding
+        (a quarter of data_prep's tokenizing time). Like that call, it first turns off any
+        truncation or padding set on the backend."""
+        backend = self.tokenizer.backend_tokenizer
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        return [[*encoding.ids, self.eot_id]
+                for encoding in backend.encode_batch(["\n" + c for c in contents], add_special_tokens=False)]
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of `apply_chat_template(messages)`: the messages, then the user header."""
@@ -497,7 +505,8 @@ class _Part:
     header: list[int]
     body: list[int]
     target: int | None
+    # header + body, built once: per_turn reads every earlier message's ids for each target.
+    ids: list[int] = field(init=False)
 
-    @property
-    def ids(self) -> list[int]:
-        return self.header + self.body
+    def __post_init__(self):
+        self.ids = self.header + self.body

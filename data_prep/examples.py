@@ -11,15 +11,22 @@ counts those conversations, so flipping never meets one.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from pathlib import Path
 
 import datasets
+import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
+from datasets.table import MemoryMappedTable
 
 from data_prep.chat_format import IGNORE_INDEX, SYSTEM, ChatEncoder, conversation_messages
 from data_prep.intents.checks import intent_problem
 
 INTENT_TOKENIZE_BATCH = 10_000  # intents tokenized per call when measuring them
 INSERTED_TOKENS_MARGIN = 8      # tokens beyond one per byte that a body may get (the end of turn, a prefix)
+WRITER_BATCH_ROWS = 1000        # rows per Arrow record batch written (datasets' own default)
+JOIN_ROWS = 10 * WRITER_BATCH_ROWS  # conversations gathered and written at a time by the intents join
 
 TURN = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 CONVERSATION_FEATURES = datasets.Features({
@@ -42,6 +49,38 @@ EXAMPLE_FEATURES = datasets.Features({
 })
 
 
+def conversations_with_intents(records: datasets.Dataset, rows: list[int], intents: list[str],
+                               fingerprint: str) -> datasets.Dataset:
+    """The conversations at `rows` of `records`, each with its intent (`intents`, in the same order),
+    as a dataset memory-mapped from one Arrow file beside records' cache files, named by
+    `fingerprint` (which must cover the records, the rows and the intents): a file already there is
+    reused, as datasets reuses a cached map. Written by Arrow alone, JOIN_ROWS rows at a time: the
+    record columns gathered by row, the intent column appended after them; no row is converted to
+    Python, and memory holds one chunk (datasets' flatten_indices + add_column would convert every
+    row, and hold the intents column in memory)."""
+    columns = [c for c in CONVERSATION_FEATURES if c != "intent"]
+    features = datasets.Features({c: CONVERSATION_FEATURES[c] for c in [*columns, "intent"]})
+    path = Path(records.cache_files[0]["filename"]).parent / f"conversations-{fingerprint}.arrow"
+    if not path.is_file():
+        partial = path.with_name(f".{path.name}.incomplete-{os.getpid()}")
+        try:
+            with ArrowWriter(features=features, path=str(partial), writer_batch_size=WRITER_BATCH_ROWS) as writer:
+                chunks = records.select_columns(columns).with_format("arrow")
+                for start in range(0, len(rows), JOIN_ROWS):
+                    chunk = chunks.select(rows[start:start + JOIN_ROWS])[:]
+                    writer.write_table(chunk.append_column("intent", pa.array(intents[start:start + JOIN_ROWS],
+                                                                               pa.string())))
+                writer.finalize()
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    info = records.info.copy()
+    info.features = features
+    # The fingerprint given, not one datasets derives from the file's path and mtime: outputs (their
+    # state.json) stay the same bytes from any cache.
+    return datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=info, fingerprint=fingerprint)
+
+
 def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> dict[str, tuple[str, str]]:
     """conversation_hash -> (funnel step, reason) for each of `intents` that cannot be used."""
     unusable = {h: ("bad_intent", f"bad_intent:{problem}")
@@ -61,8 +100,9 @@ def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> di
     return unusable
 
 
-def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:
-    """datasets.map (batched) function: conversations -> examples (one-to-many)."""
+def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> pa.Table:
+    """datasets.map (batched) function: conversations -> examples (one-to-many), returned as an
+    Arrow table of EXAMPLE_FEATURES (converted here by pyarrow, not by datasets' typed sequences)."""
     encoder = ChatEncoder(tokenizer)
     conversations = [conversation_messages(intent, turns, ended)
                      for intent, turns, ended in zip(batch["intent"], batch["turns"], batch["ended"])]
@@ -80,7 +120,7 @@ def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> dict:
             out["num_target_tokens"].append(example.num_target_tokens)
             out["target_turns"].append(example.target_turns)
             out["truncated"].append(example.truncated)
-    return out
+    return pa.Table.from_pydict({column: out[column] for column in EXAMPLE_FEATURES}, schema=EXAMPLE_FEATURES.arrow_schema)
 
 
 def token_statistics(examples: datasets.Dataset) -> dict:

@@ -9,6 +9,10 @@
                                                                        # (see data_prep/intents/__main__.py)
 
 Stages: load -> normalise -> filter (funnel) -> split by user -> intents -> flip + tokenize -> save.
+Each logs one line when it ends, `data_prep stage {"stage": ..., "end_s": ..., "peak_main_gib": ...}`
+(seconds since the run started; benchmarks/data_prep_scale.py reads them). The intents join is
+written by Arrow into one cached file per split; flip maps over it, so a rerun with the same config
+reuses every step's cache and only filters, splits, reads the intents and saves again.
 Outputs in `output_dir`, written atomically (a COMPLETED marker last), under a lock held for the whole run.
 `output_dir` must be empty, absent or data_prep's own complete earlier output (`overwrite=true` replaces
 anything else, except a folder that holds an input of the run):
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
@@ -42,7 +48,7 @@ from core import artifacts
 from data_prep import sources
 from data_prep.chat_format import ChatFormat, get_format, prepare_tokenizer, save_tokenizer
 from data_prep.conversations import RECORD_FEATURES
-from data_prep.examples import (CONVERSATION_FEATURES, EXAMPLE_FEATURES, flip_batch, render_with_targets,
+from data_prep.examples import (EXAMPLE_FEATURES, conversations_with_intents, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Funnel, apply_filters
 from data_prep.intents import get_intents
@@ -59,17 +65,31 @@ CODE_VERSION = artifacts.source_hash(
     *(importlib.import_module(f"data_prep.sources.{name}") for name in sources.NAMES))
 
 
+# The stages in order; each logs one line `data_prep stage {"stage", "end_s", "peak_main_gib"}` when it
+# ends (seconds since the run started, the main process's peak RSS so far), which
+# benchmarks/data_prep_scale.py reads. Timings go only to the log: the outputs stay the same bytes on
+# every run.
+STAGES = ("load", "normalise", "filter", "split", "intents", "flip + tokenize", "save")
+STAGE_LOG_PREFIX = "data_prep stage "
+
+
 def log_stage(stage: str, start: float) -> None:
-    """Log a finished stage: seconds since the run started and this process's peak memory so far."""
+    """Log a finished stage (one of STAGES) as one JSON line after STAGE_LOG_PREFIX."""
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    log.info("%s done at %.1f s (peak memory of the main process so far: %.2f GiB)", stage,
-             time.perf_counter() - start, peak_gib)
+    log.info("%s%s", STAGE_LOG_PREFIX, json.dumps({"stage": stage, "end_s": round(time.perf_counter() - start, 3),
+                                                    "peak_main_gib": round(peak_gib, 2)}))
 
 
 def load_tokenizer(tokenizer_cfg, chat_format: str):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_cfg.name_or_path,
                                               trust_remote_code=tokenizer_cfg.trust_remote_code)
     return prepare_tokenizer(tokenizer, get_format(chat_format), tokenizer_cfg.pad_token)
+
+
+def column_of(dataset: datasets.Dataset, rows: list[int], column: str) -> pa.ChunkedArray:
+    """One column of these rows, read by Arrow (iterating a datasets Column converts row by row:
+    seconds per 100k rows)."""
+    return dataset.select(rows).select_columns([column]).with_format("arrow")[column]
 
 
 class Selection(NamedTuple):
@@ -109,7 +129,11 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
 
     log_stage("load", start)
     # ---- normalise: one record per conversation, malformed rows flagged ------------------------
-    records = raw.map(source.records, fn_kwargs={"filters_cfg": cfg.filters, "data_cfg": cfg.data,
+    # The records functions and the filter predicates read the filters and data settings for every
+    # row: as the schema's dataclasses (OmegaConf.to_object), not DictConfigs, whose every attribute
+    # read costs ~90 us.
+    filters_cfg, data_cfg = OmegaConf.to_object(cfg.filters), OmegaConf.to_object(cfg.data)
+    records = raw.map(source.records, fn_kwargs={"filters_cfg": filters_cfg, "data_cfg": data_cfg,
                                                  "chat_format": chat_format},
                       remove_columns=raw.column_names, features=RECORD_FEATURES,
                       new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
@@ -117,8 +141,9 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
     log_stage("normalise", start)
     # ---- filter: every row lands in exactly one funnel bucket ----------------------------------
     funnel = Funnel(input=len(records))
-    kept, dropped = apply_filters(records, cfg.filters, funnel)
-    events = Counter(e for row in records.select(kept).select_columns(["events"])["events"] for e in row)
+    kept, dropped = apply_filters(records, filters_cfg, funnel)
+    events = Counter({count["values"]: count["counts"]
+                      for count in pc.value_counts(pc.list_flatten(column_of(records, kept, "events"))).to_pylist()})
 
     log_stage("filter", start)
     # ---- split by user -----------------------------------------------------------------------
@@ -155,11 +180,11 @@ def prepare(cfg) -> Path:
     # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
     # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
     intents = get_intents(cfg.intents, selection.kept())
-    hashes_of = {split: records.select(rows)["conversation_hash"] for split, rows in split_rows.items()}
+    hashes_of = {split: column_of(records, rows, "conversation_hash").to_pylist() for split, rows in split_rows.items()}
     unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
                                 tokenizer, cfg.max_seq_len)
     reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
-    conversations = {}
+    conversations, joined = {}, {}   # split -> dataset, and its fingerprint
     for split, rows in split_rows.items():
         usable = []
         for row, h in zip(rows, hashes_of[split]):
@@ -169,14 +194,9 @@ def prepare(cfg) -> Path:
                 dropped.append({"row": row, "conversation_hash": h, "step": step, "reason": reason})
             else:
                 usable.append((row, h))
-        if usable:
-            selected = records.select([r for r, _ in usable]).select_columns(
-                [c for c in CONVERSATION_FEATURES if c != "intent"]).flatten_indices()
-            conversations[split] = selected.add_column("intent", [intents[h] for _, h in usable],
-                                                       feature=CONVERSATION_FEATURES["intent"])
-        else:  # add_column fails on an empty selection of a multi-file dataset (the output of num_proc > 1)
-            conversations[split] = datasets.Dataset.from_dict({c: [] for c in CONVERSATION_FEATURES},
-                                                              features=CONVERSATION_FEATURES)
+        usable_rows, usable_intents = [r for r, _ in usable], [intents[h] for _, h in usable]
+        joined[split] = artifacts.config_hash(fingerprint, usable_rows, usable_intents)
+        conversations[split] = conversations_with_intents(records, usable_rows, usable_intents, joined[split])
         funnel.kept[split] = len(usable)
     for step, counts in reasons.items():
         funnel.remove(step, counts)
@@ -194,7 +214,7 @@ def prepare(cfg) -> Path:
             # The conversations' own fingerprint covers the records, which rows this split holds and
             # their intents; a different split or intent can never reuse another's cached examples.
             new_fingerprint=f"flip-{split}-" + artifacts.config_hash(
-                dataset._fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
+                joined[split], tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
             desc=f"flip {split}", **dict(map_args, num_proc=cfg.num_proc if len(dataset) > cfg.batch_size else None))
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}
@@ -233,6 +253,7 @@ def prepare(cfg) -> Path:
         if cfg.filters.write_dropped:
             artifacts.write_text(tmp / "dropped.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in dropped))
 
+    log_stage("save", start)
     print(funnel.table())
     for split, s in stats.items():
         print(f"{split}: {s['examples']} examples, {s['tokens']} tokens ({s['target_tokens']} targets), "

@@ -274,3 +274,34 @@ def test_both_near_duplicate_methods_count_what_they_remove(overrides, removed, 
     out = run_data_prep(tiny_assets, tmp_path / "out", f"data.source={logs}", f"intents.path={intents}", *overrides)
     step = _removed(_funnel(out))["near_duplicate"]
     assert (step["removed"], step["reasons"]) == (removed, reasons)
+
+
+def test_intents_join_gathers_the_rows_by_arrow_and_reuses_its_file(tmp_path, monkeypatch):
+    """conversations_with_intents: exactly the given rows, in order, with their intents last, across
+    write chunks; the same fingerprint reuses the file written (a warm rerun); no rows is a valid split."""
+    import data_prep.examples as examples
+    monkeypatch.setattr(examples, "JOIN_ROWS", 2)  # 3 rows: two chunks
+    rows = range(5)
+    datasets.Dataset.from_dict({
+        "conversation_hash": [f"h{i}" for i in rows], "malformed": [""] * 5,
+        "turns": [[{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in rows],
+        "ended": [i % 2 == 0 for i in rows], "language": ["English"] * 5, "num_user_turns": [1] * 5,
+    }, features=datasets.Features({"conversation_hash": datasets.Value("string"), "malformed": datasets.Value("string"),
+                                   "turns": examples.CONVERSATION_FEATURES["turns"], "ended": datasets.Value("bool"),
+                                   "language": datasets.Value("string"), "num_user_turns": datasets.Value("int32")})
+    ).save_to_disk(str(tmp_path / "records"))
+    records = datasets.load_from_disk(str(tmp_path / "records"))
+    joined = examples.conversations_with_intents(records, [4, 1, 3], ["i4", "i1", "i3"], "fp1")
+    assert joined.column_names == ["conversation_hash", "turns", "ended", "language", "num_user_turns", "intent"]
+    assert joined.to_dict() == {
+        "conversation_hash": ["h4", "h1", "h3"], "ended": [True, False, False], "language": ["English"] * 3,
+        "num_user_turns": [1, 1, 1], "intent": ["i4", "i1", "i3"],
+        "turns": [[{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in (4, 1, 3)]}
+    assert joined._fingerprint == "fp1"
+    written = tmp_path / "records" / "conversations-fp1.arrow"
+    stamp = written.stat().st_mtime_ns
+    again = examples.conversations_with_intents(records, [4, 1, 3], ["i4", "i1", "i3"], "fp1")
+    assert again["intent"] == ["i4", "i1", "i3"] and written.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "records").iterdir() if "conversations" in p.name) == [written.name]
+    empty = examples.conversations_with_intents(records, [], [], "fp-empty")
+    assert len(empty) == 0 and empty.column_names == joined.column_names
