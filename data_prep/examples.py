@@ -11,7 +11,6 @@ counts those conversations, so flipping never meets one.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from datasets.table import MemoryMappedTable
 
+from core import artifacts
 from data_prep.chat_format import IGNORE_INDEX, SYSTEM, ChatEncoder, conversation_messages
 from data_prep.intents.checks import intent_problem
 
@@ -62,18 +62,14 @@ def conversations_with_intents(records: datasets.Dataset, rows: list[int], inten
     features = datasets.Features({c: CONVERSATION_FEATURES[c] for c in [*columns, "intent"]})
     path = Path(records.cache_files[0]["filename"]).parent / f"conversations-{fingerprint}.arrow"
     if not path.is_file():
-        partial = path.with_name(f".{path.name}.incomplete-{os.getpid()}")
-        try:
-            with ArrowWriter(features=features, path=str(partial), writer_batch_size=WRITER_BATCH_ROWS) as writer:
-                chunks = records.select_columns(columns).with_format("arrow")
-                for start in range(0, len(rows), JOIN_ROWS):
-                    chunk = chunks.select(rows[start:start + JOIN_ROWS])[:]
-                    writer.write_table(chunk.append_column("intent", pa.array(intents[start:start + JOIN_ROWS],
-                                                                               pa.string())))
-                writer.finalize()
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with artifacts.atomic_file(path) as partial, \
+                ArrowWriter(features=features, path=str(partial), writer_batch_size=WRITER_BATCH_ROWS) as writer:
+            chunks = records.select_columns(columns).with_format("arrow")
+            for start in range(0, len(rows), JOIN_ROWS):
+                chunk = chunks.select(rows[start:start + JOIN_ROWS])[:]
+                writer.write_table(chunk.append_column("intent", pa.array(intents[start:start + JOIN_ROWS],
+                                                                           pa.string())))
+            writer.finalize()
     info = records.info.copy()
     info.features = features
     # The fingerprint given, not one datasets derives from the file's path and mtime: outputs (their

@@ -150,8 +150,9 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
     split_rows, anonymous = assign_splits(records, kept, cfg.split)
     if cfg.split.missing_user == "drop":
         funnel.remove("no_user_id", Counter({"no_user_id": len(anonymous)}))
-        dropped += [{"row": r, "conversation_hash": records[r]["conversation_hash"], "step": "no_user_id",
-                     "reason": "no_user_id"} for r in anonymous]
+        dropped += [{"row": r, "conversation_hash": h, "step": "no_user_id",
+                     "reason": "no_user_id"}
+                    for r, h in zip(anonymous, column_of(records, anonymous, "conversation_hash").to_pylist())]
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
@@ -184,7 +185,7 @@ def prepare(cfg) -> Path:
     unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
                                 tokenizer, cfg.max_seq_len)
     reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
-    conversations, joined = {}, {}   # split -> dataset, and its fingerprint
+    conversations = {}
     for split, rows in split_rows.items():
         usable = []
         for row, h in zip(rows, hashes_of[split]):
@@ -195,8 +196,8 @@ def prepare(cfg) -> Path:
             else:
                 usable.append((row, h))
         usable_rows, usable_intents = [r for r, _ in usable], [intents[h] for _, h in usable]
-        joined[split] = artifacts.config_hash(fingerprint, usable_rows, usable_intents)
-        conversations[split] = conversations_with_intents(records, usable_rows, usable_intents, joined[split])
+        conversations[split] = conversations_with_intents(
+            records, usable_rows, usable_intents, artifacts.config_hash(fingerprint, usable_rows, usable_intents))
         funnel.kept[split] = len(usable)
     for step, counts in reasons.items():
         funnel.remove(step, counts)
@@ -214,7 +215,7 @@ def prepare(cfg) -> Path:
             # The conversations' own fingerprint covers the records, which rows this split holds and
             # their intents; a different split or intent can never reuse another's cached examples.
             new_fingerprint=f"flip-{split}-" + artifacts.config_hash(
-                joined[split], tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
+                dataset._fingerprint, tokenizer_hash, cfg.flip.mode, cfg.max_seq_len),
             desc=f"flip {split}", **dict(map_args, num_proc=cfg.num_proc if len(dataset) > cfg.batch_size else None))
         funnel.examples[split] = len(examples[split])
     stats = {split: token_statistics(ds) for split, ds in examples.items()}
