@@ -60,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import tokenizer_choice  # noqa: E402
+from core.artifacts import write_json  # noqa: E402
 from data_prep.pipeline import STAGE_LOG_PREFIX, STAGES  # noqa: E402
 from scripts.make_sample import SAMPLE_DIR, WildChatWriter  # noqa: E402
 from scripts.make_tiny_assets import sample_texts  # noqa: E402
@@ -222,6 +223,10 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
                f"flip.mode={args.flip_mode}"]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(args.workdir / "hf_cache"))
     peaks = {"anon": 0, "file": 0, "total": 0, "main_anon": 0}
+    stages: dict[str, float] = {}
+    # The main process's peak anonymous memory in each stage: a sample counts for the first stage
+    # whose log line has not arrived yet (to within SAMPLE_SECONDS).
+    main_anon_by_stage = dict.fromkeys(STAGES, 0)
     done = threading.Event()
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -240,11 +245,12 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
                 for key, value in (("anon", anon), ("file", file), ("total", anon + file),
                                    ("main_anon", values[0]["Anonymous"])):
                     peaks[key] = max(peaks[key], value)
+                stage = next((s for s in STAGES if s not in stages), STAGES[-1])
+                main_anon_by_stage[stage] = max(main_anon_by_stage[stage], values[0]["Anonymous"])
             time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stages = {}
     with open(log_path, "w") as log:
         for line in process.stdout:
             log.write(line)
@@ -256,6 +262,7 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
     done.set()
     sampler.join()
     return {"seconds": time.perf_counter() - start, "returncode": returncode, "stage_end_s": stages,
+            "main_anon_gib_by_stage": {s: round(v / 2**30, 2) for s, v in main_anon_by_stage.items()},
             **{f"peak_{key}_gib": round(value / 2**30, 2) for key, value in peaks.items()}}
 
 
@@ -333,6 +340,7 @@ def main() -> None:
         "data_prep_vs_limit": round(prep["seconds"] / limit["seconds"], 3),
         "stages": per_stage(prep["stage_end_s"], limit["seconds"]),
         "memory_gib": {key[len("peak_"):-len("_gib")]: prep[key] for key in prep if key.startswith("peak_")},
+        "main_anon_gib_by_stage": prep["main_anon_gib_by_stage"],
         "memory_cgroup": capped,
         "warm_rerun": None if warm is None else {
             "seconds": round(warm["seconds"], 1), "vs_cold": round(warm["seconds"] / prep["seconds"], 3),
@@ -347,8 +355,7 @@ def main() -> None:
     label = args.label or f"{args.rows}-{args.flip_mode}"
     runs = json.loads(args.json.read_text()) if args.json.is_file() else {}
     runs[label] = result
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(runs, indent=2, sort_keys=True) + "\n")
+    write_json(args.json, runs)
     print(f"wrote {label} into {args.json}")
 
 

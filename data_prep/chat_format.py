@@ -37,6 +37,7 @@ from enum import StrEnum, auto
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from tokenizers import AddedToken
 
 from core import artifacts
@@ -264,52 +265,87 @@ def is_user_turn(message: dict) -> bool:
     return message["role"] == USER
 
 
-@dataclass
+@dataclass(eq=False)
 class Example:
-    """One tokenized training/scoring sequence.
+    """One tokenized training/scoring sequence, kept as the spans it was assembled from: each a
+    run of token ids and the user turn it is labelled with (None: context, not trained on).
 
-    `target_turn[i]` is the index (0-based, among the user messages of the conversation, the end
-    token counting as the last) of the user turn that label i belongs to, or -1 for context.
+    `input_ids`, `labels` and `target_turn` are built from the spans on first read (by
+    `pack_examples`, the one place labels are made); data_prep packs a whole batch's spans into
+    Arrow arrays without them (numpy, no Python int per token). `target_turn[i]` is the index
+    (0-based, among the user messages of the conversation, the end token counting as the last)
+    of the user turn that label i belongs to, or -1 for context.
     """
-    input_ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    target_turn: list[int] = field(default_factory=list)
+    spans: list[tuple[np.ndarray, int | None]] = field(default_factory=list)
     truncated: bool = False
+    num_tokens: int = 0
+    _lists: tuple[list[int], list[int], list[int]] | None = field(default=None, init=False, repr=False)
 
-    def add_message(self, part: "_Part", separator: list[int], context: bool = False) -> None:
+    def add_message(self, part: "_Part", separator: Sequence[int], context: bool = False) -> None:
         """Add a whole message: the separator when a message precedes it, its header, its body
         (labelled when the message is a target, unless it is `context` here)."""
-        if self.input_ids:
+        if self.num_tokens:
             self.add(separator, None)
         self.add(part.header, None)
         self.add(part.body, None if context else part.target)
 
-    def add_cut(self, part: "_Part", budget: int, separator: list[int]) -> None:
+    def add_cut(self, part: "_Part", budget: int, separator: Sequence[int]) -> None:
         """Add a message that alone exceeds `budget` tokens (its separator's included), keeping the
         beginning of its body."""
         budget -= len(separator)
-        if self.input_ids:
+        if self.num_tokens:
             self.add(separator, None)
         self.add(part.header, None)
         self.add(part.body[:max(budget - len(part.header), 0)], part.target)
         self.truncated = True
 
     def add(self, ids: Sequence[int], turn: int | None) -> None:
-        self.input_ids += ids
-        if turn is None:
-            self.labels += [IGNORE_INDEX] * len(ids)
-            self.target_turn += [-1] * len(ids)
-        else:
-            self.labels += ids
-            self.target_turn += [turn] * len(ids)
+        self.spans.append((ids if isinstance(ids, np.ndarray) else np.asarray(ids, dtype=np.int32), turn))
+        self.num_tokens += len(ids)
+        self._lists = None
+
+    def _as_lists(self) -> tuple[list[int], list[int], list[int]]:
+        if self._lists is None:
+            _, input_ids, labels = pack_examples([self])
+            turns = [-1 if turn is None else turn for _, turn in self.spans]
+            target_turn = np.repeat(np.array(turns, dtype=np.int64), [len(ids) for ids, _ in self.spans])
+            self._lists = input_ids.tolist(), labels.tolist(), target_turn.tolist()
+        return self._lists
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self._as_lists()[0]
+
+    @property
+    def labels(self) -> list[int]:
+        return self._as_lists()[1]
+
+    @property
+    def target_turn(self) -> list[int]:
+        return self._as_lists()[2]
 
     @property
     def num_target_tokens(self) -> int:
-        return len(self.target_turn) - self.target_turn.count(-1)
+        return sum(len(ids) for ids, turn in self.spans if turn is not None)
 
     @property
     def target_turns(self) -> list[int]:
-        return sorted(set(self.target_turn) - {-1})
+        return sorted({turn for ids, turn in self.spans if turn is not None and len(ids)})
+
+
+def pack_examples(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, input_ids, labels) of these examples laid end to end (int32): example i holds
+    tokens offsets[i]:offsets[i + 1]; a label is its token where the span is a target, IGNORE_INDEX
+    elsewhere."""
+    pieces = [ids for example in examples for ids, _ in example.spans]
+    lengths = np.fromiter((len(ids) for ids in pieces), dtype=np.int64, count=len(pieces))
+    targeted = np.fromiter((turn is not None for example in examples for _, turn in example.spans), dtype=bool,
+                           count=len(pieces))
+    input_ids = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros(0, dtype=np.int32)
+    labels = np.where(np.repeat(targeted, lengths), input_ids, np.int32(IGNORE_INDEX))
+    offsets = np.zeros(len(examples) + 1, dtype=np.int32)
+    np.cumsum([example.num_tokens for example in examples], out=offsets[1:])
+    return offsets, input_ids, labels
 
 
 class ChatEncoder:
@@ -334,6 +370,9 @@ class ChatEncoder:
                            for role in ROLES}
         self.eot_id = tokenizer.convert_tokens_to_ids(chat_format.end_of_turn)
         self.separator_ids = self._encode(chat_format.separator) if chat_format.separator else []
+        # The same as arrays, for flip's spans (pack_examples joins arrays without a Python int per token).
+        self._header_arrays = {role: np.array(ids, dtype=np.int32) for role, ids in self.header_ids.items()}
+        self._separator_array = np.array(self.separator_ids, dtype=np.int32)
 
     def system_fits(self, system_tokens: int, max_seq_len: int) -> bool:
         """Whether a system message of `system_tokens` tokens (header included) leaves room in
@@ -413,11 +452,11 @@ class ChatEncoder:
             target = None
             if message["role"] != SYSTEM and train_on(message):
                 target, number = number, number + 1
-            parts.append(_Part(self.header_ids[message["role"]], list(body), target))
+            parts.append(_Part(self._header_arrays[message["role"]], np.asarray(body, dtype=np.int32), target))
         has_system = bool(messages) and messages[0]["role"] == SYSTEM
         system = parts[0] if has_system else None
         turns = parts[1:] if has_system else parts
-        system_tokens = len(system.ids) if system else 0
+        system_tokens = system.length if system else 0
         if not self.system_fits(system_tokens, max_seq_len):
             raise ValueError(f"the system message ({system_tokens} tokens) leaves no room in "
                              f"max_seq_len={max_seq_len}")
@@ -430,7 +469,7 @@ class ChatEncoder:
 
     def _cost(self, part: _Part) -> int:
         """The tokens a message takes after another: the separator, its header and its body."""
-        return len(self.separator_ids) + len(part.ids)
+        return len(self.separator_ids) + part.length
 
     def _start(self, system: _Part | None, max_seq_len: int) -> tuple[Example, int]:
         """A new example holding the system message, and the budget left for the messages after it
@@ -438,21 +477,21 @@ class ChatEncoder:
         example = Example()
         if system is None:
             return example, max_seq_len + len(self.separator_ids)
-        example.add_message(system, self.separator_ids)
-        return example, max_seq_len - len(example.input_ids)
+        example.add_message(system, self._separator_array)
+        return example, max_seq_len - example.num_tokens
 
     def _with_history(self, system: _Part | None, turns: list[_Part], index: int, max_seq_len: int) -> Example:
         example, budget = self._start(system, max_seq_len)
         target = turns[index]
         if self._cost(target) > budget:
-            example.add_cut(target, budget, self.separator_ids)
+            example.add_cut(target, budget, self._separator_array)
             return example
         budget -= self._cost(target)
         start = oldest_kept([self._cost(part) for part in turns[:index]], budget)
         example.truncated = start > 0
         for part in turns[start:index]:
-            example.add_message(part, self.separator_ids, context=True)
-        example.add_message(target, self.separator_ids)
+            example.add_message(part, self._separator_array, context=True)
+        example.add_message(target, self._separator_array)
         return example
 
     def _windows(self, system: _Part | None, turns: list[_Part], max_seq_len: int) -> list[Example]:
@@ -468,17 +507,17 @@ class ChatEncoder:
             # the first target room to fit whole.
             if context and self._cost(context) <= budget // 2 and \
                     self._cost(context) + self._cost(turns[position]) <= budget:
-                example.add_message(context, self.separator_ids, context=True)
+                example.add_message(context, self._separator_array, context=True)
                 budget -= self._cost(context)
             placed = False
             while position < len(turns):
                 part = turns[position]
                 if self._cost(part) > budget:
                     if not placed:
-                        example.add_cut(part, budget, self.separator_ids)
+                        example.add_cut(part, budget, self._separator_array)
                         position += 1
                     break
-                example.add_message(part, self.separator_ids)
+                example.add_message(part, self._separator_array)
                 budget -= self._cost(part)
                 placed = True
                 position += 1
@@ -502,11 +541,11 @@ def oldest_kept(lengths: Sequence[int], budget: int) -> int:
 @dataclass
 class _Part:
     """One message as token ids: its header, its body, and its target number (None: context)."""
-    header: list[int]
-    body: list[int]
+    header: Sequence[int]
+    body: Sequence[int]
     target: int | None
-    # header + body, built once: per_turn reads every earlier message's ids for each target.
-    ids: list[int] = field(init=False)
+    # The header's and body's tokens, counted once: per_turn reads every earlier message's for each target.
+    length: int = field(init=False)
 
     def __post_init__(self):
-        self.ids = self.header + self.body
+        self.length = len(self.header) + len(self.body)

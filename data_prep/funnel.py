@@ -7,10 +7,16 @@ applies, in the configured order), or kept in a split. `Funnel.check()` proves t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import datasets
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -59,101 +65,143 @@ class NgramCounts:
     ~30M n-grams, and one would only make two n-grams count together): n-grams are kept as 64-bit
     hashes (blake2b: the same in every process and run) in one sorted array, not as strings."""
 
-    def __init__(self, records, rows: list[int], ngram: int, threshold: int):
+    def __init__(self, first_turns: Iterable[str], ngram: int, threshold: int):
         self.ngram, self.threshold = ngram, threshold
-        hashes, self.offsets = [], [0]
-        for batch in records.select(rows).select_columns(["turns"]).iter(batch_size=1000):
-            for turns in batch["turns"]:
-                found = self.hashes(turns[0]["content"] if turns else "")
-                hashes.extend(found)
-                self.offsets.append(self.offsets[-1] + len(found))
-        self.row_hashes = np.array(hashes, dtype=np.int64)
+        hashes, offsets = array("q"), array("q", [0])  # 8 bytes an n-gram: no Python int or array per row
+        for text in first_turns:
+            hashes.extend(self.hashes(text))
+            offsets.append(len(hashes))
+        self.row_hashes, self.offsets = np.frombuffer(hashes, dtype=np.int64), np.frombuffer(offsets, dtype=np.int64)
         self.unique, self.counts = np.unique(self.row_hashes, return_counts=True)
-        self.position = {row: i for i, row in enumerate(rows)}
 
     def hashes(self, text: str) -> list[int]:
         words = text.split()
         return [int.from_bytes(hashlib.blake2b("\x1f".join(words[i:i + self.ngram]).encode(), digest_size=8).digest(),
                                "little", signed=True) for i in range(len(words) - self.ngram + 1)]
 
-    def is_duplicate(self, row: int) -> bool:
-        i = self.position[row]
-        mine = self.row_hashes[self.offsets[i]:self.offsets[i + 1]]
+    def is_duplicate(self, position: int) -> bool:
+        """Whether the conversation at this position of `first_turns` is a near-duplicate."""
+        mine = self.row_hashes[self.offsets[position]:self.offsets[position + 1]]
         return bool(mine.size) and int(self.counts[np.searchsorted(self.unique, mine)].max()) > self.threshold
 
 
-def filter_steps(filters_cfg, records, t: dict[str, list]) -> list[tuple[str, callable]]:
-    """(name, make_predicate) pairs over the record columns `t` (column -> values by row).
-    make_predicate(rows reaching the step) -> a predicate that takes a row and returns a reason or ""
-    (steps that look at the whole corpus, such as ngram_count, see exactly the conversations the
-    earlier steps kept)."""
-    steps = [("malformed", lambda rows: lambda i: t["malformed"][i])]
+class Dropped:
+    """The dropped conversations, in the order dropped.jsonl lists them, as a compact index: each
+    one's row of the records and a code for its (step, reason); the conversation hashes are read
+    from the records only when written (a dict per dropped row held ~0.5 KB, at WildChat's
+    460k drops a quarter GiB)."""
+
+    def __init__(self):
+        self.rows, self.codes = array("q"), array("h")
+        self.kinds: list[tuple[str, str]] = []
+        self._code_of: dict[tuple[str, str], int] = {}
+
+    def add(self, row: int, step: str, reason: str) -> None:
+        code = self._code_of.get((step, reason))
+        if code is None:
+            code = self._code_of[(step, reason)] = len(self.kinds)
+            self.kinds.append((step, reason))
+        self.rows.append(row)
+        self.codes.append(code)
+
+    def sort_by_row(self) -> None:
+        order = np.argsort(np.frombuffer(self.rows, dtype=np.int64), kind="stable")
+        self.rows = array("q", np.frombuffer(self.rows, dtype=np.int64)[order].tobytes())
+        self.codes = array("h", np.frombuffer(self.codes, dtype=np.int16)[order].tobytes())
+
+    def write_jsonl(self, path: Path, records, chunk_rows: int = 10_000) -> None:
+        """One JSON line per dropped conversation: {conversation_hash, reason, row, step}."""
+        with open(path, "w") as f:
+            for start in range(0, len(self.rows), chunk_rows):
+                rows = self.rows[start:start + chunk_rows].tolist()
+                hashes = records.select(rows).select_columns(["conversation_hash"]).with_format("arrow")[
+                    "conversation_hash"].to_pylist()
+                for row, code, conversation_hash in zip(rows, self.codes[start:start + chunk_rows], hashes):
+                    step, reason = self.kinds[code]
+                    f.write(json.dumps({"row": row, "conversation_hash": conversation_hash, "step": step,
+                                        "reason": reason}, sort_keys=True) + "\n")
+
+
+# A step: (name, decide), where decide(reached) takes the records at the rows reaching the step
+# (a datasets.Dataset, in row order) and returns one reason per row ("" keeps it). Each reads only
+# its own columns (`values`), and lets them go when it ends. Steps that look at the whole corpus,
+# such as ngram_count, see exactly the conversations the earlier steps kept.
+Step = tuple[str, Callable[[datasets.Dataset], list[str]]]
+
+
+def values(reached: datasets.Dataset, column: str) -> list:
+    """One column at the rows reaching a step, as Python objects (read by Arrow, not row by row)."""
+    return reached.select_columns([column]).with_format("arrow")[column].to_pylist()
+
+
+def first_turns(reached: datasets.Dataset, batch_rows: int = 1000) -> Iterator[str]:
+    """The first turn of each conversation reaching a step, read a batch at a time (never all the text)."""
+    for batch in reached.select_columns(["turns"]).iter(batch_size=batch_rows):
+        for turns in batch["turns"]:
+            yield turns[0]["content"] if turns else ""
+
+
+def filter_steps(filters_cfg) -> list[Step]:
+    steps: list[Step] = [("malformed", lambda reached: values(reached, "malformed"))]
     if filters_cfg.languages is not None:
         languages = set(filters_cfg.languages)
-        steps.append(("language", lambda rows: lambda i: "" if t["language"][i] in languages else "language"))
+        steps.append(("language", lambda reached: [
+            "" if language in languages else "language" for language in values(reached, "language")]))
     if filters_cfg.exact_duplicates:
-        def exact(rows):
-            seen = set()
-
-            def predicate(i):
-                keys = (("hash", t["conversation_hash"][i]), ("content", t["exact_key"][i]))
-                if any(k in seen for k in keys):
-                    return "exact_duplicate"
-                seen.update(keys)
-                return ""
-            return predicate
+        def exact(reached):
+            seen, reasons = set(), []
+            for keys in zip(zip(repeat("hash"), values(reached, "conversation_hash")),
+                            zip(repeat("content"), values(reached, "exact_key"))):
+                duplicate = any(k in seen for k in keys)
+                if not duplicate:
+                    seen.update(keys)
+                reasons.append("exact_duplicate" if duplicate else "")
+            return reasons
         steps.append(("exact_duplicate", exact))
     near = filters_cfg.near_duplicates
     if near.enabled and near.method == "prefix_key":
-        def prefix_key(rows):
-            seen = Counter()
-
-            def predicate(i):
-                key = t["near_key"][i]
-                if not key:
-                    return ""
-                seen[key] += 1
-                return "prefix_key" if seen[key] > near.max_per_key else ""
-            return predicate
+        def prefix_key(reached):
+            seen, reasons = Counter(), []
+            for key in values(reached, "near_key"):
+                if key:
+                    seen[key] += 1
+                reasons.append("prefix_key" if key and seen[key] > near.max_per_key else "")
+            return reasons
         steps.append(("near_duplicate", prefix_key))
     elif near.enabled:
-        def ngram_count(rows):
-            counts = NgramCounts(records, rows, near.ngram, near.threshold)
-            return lambda i: "ngram_count" if counts.is_duplicate(i) else ""
+        def ngram_count(reached):
+            counts = NgramCounts(first_turns(reached), near.ngram, near.threshold)
+            return ["ngram_count" if counts.is_duplicate(i) else "" for i in range(len(reached))]
         steps.append(("near_duplicate", ngram_count))
     if filters_cfg.toxic:
-        steps.append(("toxic", lambda rows: lambda i: "toxic" if t["toxic"][i] else ""))
+        steps.append(("toxic", lambda reached: ["toxic" if x else "" for x in values(reached, "toxic")]))
     if filters_cfg.redacted:
-        steps.append(("redacted", lambda rows: lambda i: "redacted" if t["redacted"][i] else ""))
+        steps.append(("redacted", lambda reached: ["redacted" if x else "" for x in values(reached, "redacted")]))
     if filters_cfg.max_user_turns is not None:
-        steps.append(("max_user_turns", lambda rows: lambda i: "max_user_turns"
-                      if t["num_user_turns"][i] > filters_cfg.max_user_turns else ""))
+        steps.append(("max_user_turns", lambda reached: [
+            "max_user_turns" if n > filters_cfg.max_user_turns else "" for n in values(reached, "num_user_turns")]))
     if filters_cfg.max_chars is not None:
-        steps.append(("max_chars", lambda rows: lambda i: "max_chars" if t["num_chars"][i] > filters_cfg.max_chars else ""))
+        steps.append(("max_chars", lambda reached: [
+            "max_chars" if n > filters_cfg.max_chars else "" for n in values(reached, "num_chars")]))
     return steps
 
 
-def apply_filters(records, filters_cfg, funnel: Funnel) -> tuple[list[int], list[dict]]:
+def apply_filters(records, filters_cfg, funnel: Funnel) -> tuple[list[int], Dropped]:
     """Run the steps in order over the records each earlier step kept (input order decides which
-    duplicate is kept).
+    duplicate is kept). Memory holds one step's columns at a time, not every column of every row.
 
-    Returns the kept row indices and the dropped rows as {row, conversation_hash, step, reason},
-    in row order.
+    Returns the kept row indices and the dropped rows (in row order).
     """
-    columns = ["conversation_hash", "malformed", "language", "exact_key", "near_key", "toxic", "redacted",
-               "num_user_turns", "num_chars"]
-    table = records.select_columns(columns).to_dict()
-    kept, dropped = list(range(len(records))), []
-    for name, make_predicate in filter_steps(filters_cfg, records, table):
-        predicate, reasons, survivors = make_predicate(kept), Counter(), []
-        for i in kept:
-            reason = predicate(i)
+    kept, dropped = list(range(len(records))), Dropped()
+    for name, decide in filter_steps(filters_cfg):
+        reasons, survivors = Counter(), []
+        for i, reason in zip(kept, decide(records.select(kept)), strict=True):
             if reason:
                 reasons[reason] += 1
-                dropped.append({"row": i, "conversation_hash": table["conversation_hash"][i], "step": name,
-                                "reason": reason})
+                dropped.add(i, name, reason)
             else:
                 survivors.append(i)
         kept = survivors
         funnel.remove(name, reasons)
-    return kept, sorted(dropped, key=lambda d: d["row"])
+    dropped.sort_by_row()
+    return kept, dropped

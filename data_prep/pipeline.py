@@ -50,7 +50,7 @@ from data_prep.chat_format import ChatFormat, get_format, prepare_tokenizer, sav
 from data_prep.conversations import RECORD_FEATURES
 from data_prep.examples import (EXAMPLE_FEATURES, conversations_with_intents, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
-from data_prep.funnel import Funnel, apply_filters
+from data_prep.funnel import Dropped, Funnel, apply_filters
 from data_prep.intents import get_intents
 from core.llm_client import check_config_key_names
 from data_prep.load import load_source
@@ -97,7 +97,7 @@ class Selection(NamedTuple):
     records: datasets.Dataset
     split_rows: dict[str, list[int]]   # split -> rows of `records`
     funnel: Funnel
-    dropped: list[dict]
+    dropped: Dropped
     events: Counter
     provenance: dict
     fingerprint: str
@@ -150,9 +150,8 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
     split_rows, anonymous = assign_splits(records, kept, cfg.split)
     if cfg.split.missing_user == "drop":
         funnel.remove("no_user_id", Counter({"no_user_id": len(anonymous)}))
-        dropped += [{"row": r, "conversation_hash": h, "step": "no_user_id",
-                     "reason": "no_user_id"}
-                    for r, h in zip(anonymous, column_of(records, anonymous, "conversation_hash").to_pylist())]
+        for row in anonymous:
+            dropped.add(row, "no_user_id", "no_user_id")
     elif anonymous:
         events["no_user_id_own_user"] = len(anonymous)
 
@@ -180,10 +179,9 @@ def prepare(cfg) -> Path:
     # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
     # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
     # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
-    intents = get_intents(cfg.intents, selection.kept())
     hashes_of = {split: column_of(records, rows, "conversation_hash").to_pylist() for split, rows in split_rows.items()}
-    unusable = unusable_intents({h: intents[h] for hashes in hashes_of.values() for h in hashes if h in intents},
-                                tokenizer, cfg.max_seq_len)
+    intents = get_intents(cfg.intents, selection.kept(), {h for hashes in hashes_of.values() for h in hashes})
+    unusable = unusable_intents(intents, tokenizer, cfg.max_seq_len)
     reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
     conversations = {}
     for split, rows in split_rows.items():
@@ -192,7 +190,7 @@ def prepare(cfg) -> Path:
             step, reason = ("missing_intent", "missing_intent") if h not in intents else unusable.get(h, ("", ""))
             if step:
                 reasons[step][reason] += 1
-                dropped.append({"row": row, "conversation_hash": h, "step": step, "reason": reason})
+                dropped.add(row, step, reason)
             else:
                 usable.append((row, h))
         usable_rows, usable_intents = [r for r, _ in usable], [intents[h] for _, h in usable]
@@ -252,7 +250,7 @@ def prepare(cfg) -> Path:
             f"{render_with_targets(tokenizer, ex['input_ids'], ex['labels'])}\n\n"
             for i, ex in enumerate(preview)))
         if cfg.filters.write_dropped:
-            artifacts.write_text(tmp / "dropped.jsonl", "".join(json.dumps(d, sort_keys=True) + "\n" for d in dropped))
+            dropped.write_jsonl(tmp / "dropped.jsonl", records)
 
     log_stage("save", start)
     print(funnel.table())

@@ -24,16 +24,18 @@ def assign_splits(records, kept: list[int], split_cfg) -> tuple[dict[str, list[i
     fractions = [split_cfg.fractions[n] for n in names]
     if abs(sum(fractions) - 1.0) > 1e-9 or min(split_cfg.fractions.values()) < 0:
         raise ValueError(f"split.fractions must be non-negative and sum to 1, got {dict(split_cfg.fractions)}")
-    columns = records.select(kept).select_columns(["conversation_hash", "user_key", "country"]).to_dict()
-    anonymous: list[int] = []
-    user_of: list[str | None] = []
-    for row, conversation_hash, key in zip(kept, columns["conversation_hash"], columns["user_key"]):
-        if key is None:
-            anonymous.append(row)
-            key = None if split_cfg.missing_user == "drop" else f"conversation:{conversation_hash}"
-        user_of.append(key)
+    # Read by Arrow, a column at a time; a conversation's hash only where it has no user id.
+    columns = records.select(kept).select_columns(["user_key", "country"]).with_format("arrow")[:]
+    user_of: list[str | None] = columns["user_key"].to_pylist()
+    missing = [i for i, key in enumerate(user_of) if key is None]
+    anonymous = [kept[i] for i in missing]
+    if split_cfg.missing_user != "drop" and missing:
+        hashes = records.select(anonymous).select_columns(["conversation_hash"]).with_format("arrow")[
+            "conversation_hash"].to_pylist()
+        for i, conversation_hash in zip(missing, hashes):
+            user_of[i] = f"conversation:{conversation_hash}"
     users_by_country: dict[str, set[str]] = defaultdict(set)
-    for key, country in zip(user_of, columns["country"]):
+    for key, country in zip(user_of, columns["country"].to_pylist()):
         if key is not None:
             users_by_country[country].add(key)
     split_of_user: dict[str, str] = {}

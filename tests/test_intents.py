@@ -165,6 +165,29 @@ def test_the_file_backend_never_uses_another_prompt_versions_intents(tmp_path):
         get_intents(configs["v2"], None)
 
 
+
+def test_only_the_wanted_conversations_intents_are_held_but_every_row_is_checked(tmp_path):
+    """data_prep asks for its kept conversations' intents: others' rows are not returned (nor
+    compared: two intents for a dropped conversation do not matter), yet a malformed row or an
+    edited prompt text anywhere in the store is still refused."""
+    cfg = prompt_config("v1", f"intents.path={tmp_path / 'intents.jsonl'}")
+    sha = IntentPrompt(cfg.prompt).fingerprint
+    with JsonlWriter(tmp_path / "intents.jsonl") as writer:
+        for h, text in (("a", "a"), ("b", "b"), ("b", "b again"), ("c", "c")):
+            writer.append({"conversation_hash": h, "intent": f"{INTENT_PREFIX} {text}.", "prompt_version": "v1",
+                           "prompt_sha": sha, "model": "m"})
+    assert get_intents(cfg, None, {"a", "c"}) == {"a": f"{INTENT_PREFIX} a.", "c": f"{INTENT_PREFIX} c."}
+    with pytest.raises(ValueError, match="several intents"):
+        get_intents(cfg, None, {"a", "b"})
+    assert read_intents(tmp_path / "intents.jsonl", "v1", "m", only={"c"}) == {"c": f"{INTENT_PREFIX} c."}
+    with JsonlWriter(tmp_path / "intents.jsonl") as writer:
+        writer.append({"conversation_hash": "d", "intent": "x", "prompt_version": "v1", "prompt_sha": "0" * 16})
+    with pytest.raises(ValueError, match="different prompt text"):
+        get_intents(cfg, None, {"a"})
+    (tmp_path / "intents.jsonl").write_text((tmp_path / "intents.jsonl").read_text() + '{"conversation_hash": "e"}\n')
+    with pytest.raises(ValueError, match="intent"):
+        read_intents(tmp_path / "intents.jsonl", only={"a"})
+
 # ---- generation against a real server -------------------------------------------------------------
 
 def test_cached_intents_are_not_asked_again_and_stale_ones_not_reused(tmp_path):

@@ -11,13 +11,16 @@ data_prep asks `get_intents` for the intents of the conversations it kept:
 
 from __future__ import annotations
 
+from typing import Container, Optional
+
 from data_prep.intents.generate import backend_model, generate_intents
 from data_prep.intents.prompt import IntentPrompt
 from data_prep.intents.store import read_intents, read_intents_of_prompt
 
 
-def get_intents(intents_cfg, conversations) -> dict[str, str]:
+def get_intents(intents_cfg, conversations, hashes: Optional[Container[str]] = None) -> dict[str, str]:
     """conversation_hash -> intent for `conversations` (a Dataset with conversation_hash and turns).
+    hashes: theirs, when given (data_prep does): the store's rows of other conversations are not held.
 
     Conversations without an intent are left out of the mapping; data_prep drops and counts them.
     A failed generation stage raises (a dead endpoint, or not one intent generated:
@@ -25,9 +28,9 @@ def get_intents(intents_cfg, conversations) -> dict[str, str]:
     """
     if intents_cfg.backend == "file":
         prompt = IntentPrompt(intents_cfg.prompt)
-        return read_intents_of_prompt(intents_cfg.path, prompt.version, prompt.fingerprint)
+        return read_intents_of_prompt(intents_cfg.path, prompt.version, prompt.fingerprint, only=hashes)
     generate_intents(intents_cfg, conversations)
-    return read_intents(intents_cfg.path, intents_cfg.prompt.version, backend_model(intents_cfg))
+    return read_intents(intents_cfg.path, intents_cfg.prompt.version, backend_model(intents_cfg), only=hashes)
 
 
 __all__ = ["generate_intents", "get_intents", "read_intents"]
