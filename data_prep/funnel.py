@@ -12,7 +12,6 @@ import logging
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -149,12 +148,13 @@ def filter_steps(filters_cfg) -> list[Step]:
             "" if language in languages else "language" for language in values(reached, "language")]))
     if filters_cfg.exact_duplicates:
         def exact(reached):
-            seen, reasons = set(), []
-            for keys in zip(zip(repeat("hash"), values(reached, "conversation_hash")),
-                            zip(repeat("content"), values(reached, "exact_key"))):
-                duplicate = any(k in seen for k in keys)
+            # A repeat of a kept conversation's hash or of its content.
+            seen_hashes, seen_contents, reasons = set(), set(), []
+            for conversation_hash, content in zip(values(reached, "conversation_hash"), values(reached, "exact_key")):
+                duplicate = conversation_hash in seen_hashes or content in seen_contents
                 if not duplicate:
-                    seen.update(keys)
+                    seen_hashes.add(conversation_hash)
+                    seen_contents.add(content)
                 reasons.append("exact_duplicate" if duplicate else "")
             return reasons
         steps.append(("exact_duplicate", exact))
