@@ -74,7 +74,11 @@ STAGE_LOG_PREFIX = "data_prep stage "
 
 
 def log_stage(stage: str, start: float) -> None:
-    """Log a finished stage (one of STAGES) as one JSON line after STAGE_LOG_PREFIX."""
+    """End a stage (one of STAGES): hand the memory Arrow has freed back to the OS, then log one
+    JSON line after STAGE_LOG_PREFIX. (Arrow's allocator keeps freed pages for reuse: after loading
+    400k rows it held 0.75 GiB it no longer used, and more with every row; the next stage needs none
+    of it.)"""
+    pa.default_memory_pool().release_unused()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("%s%s", STAGE_LOG_PREFIX, json.dumps({"stage": stage, "end_s": round(time.perf_counter() - start, 3),
                                                     "peak_main_gib": round(peak_gib, 2)}))
