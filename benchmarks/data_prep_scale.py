@@ -53,8 +53,11 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.utils.py_utils import convert_file_size_to_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,6 +76,7 @@ TEMPLATED = 0.20             # share of conversations opening with a pasted temp
 ROWS_PER_TEMPLATE = 500
 ENCODE_BATCH = 10_000
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+MAX_ROW_GROUP_BYTES = convert_file_size_to_int(datasets.config.MAX_ROW_GROUP_SIZE)
 SAMPLE_SECONDS = 1.0   # reading smaps_rollup walks the page tables of each process: not too often
 GOALS = {"seconds_vs_limit": 1.3, "memory_cap_gib": 6, "warm_vs_cold": 0.1}
 
@@ -87,6 +91,15 @@ def _user_turns(rng: random.Random) -> int:
         return rng.randint(10, 60)
     p = 1 / MEAN_USER_TURNS  # geometric on 1, 2, ... with this mean
     return 1 + int(math.log(1 - rng.random()) / math.log(1 - p))
+
+
+def write_shard(table: pa.Table, path: Path) -> None:
+    """Write one shard as `datasets` writes the hub's parquet (push_to_hub, to_parquet): row groups
+    of at most datasets.config.MAX_ROW_GROUP_SIZE (100 MB) of Arrow data. Reading decodes a whole
+    row group at once, so its size, not N, bounds the load stage's memory (a shard written as one
+    row group, pyarrow's default, made that grow with N at a fixed 14 shards)."""
+    rows_per_group = max(1, int(MAX_ROW_GROUP_BYTES * table.num_rows / max(table.nbytes, 1)))
+    pq.write_table(table, path, compression="zstd", row_group_size=rows_per_group)
 
 
 def generate(out: Path, rows: int, shards: int, seed: int) -> None:
@@ -122,7 +135,7 @@ def generate(out: Path, rows: int, shards: int, seed: int) -> None:
                                           "intent": "You are a user chatting with an assistant language "
                                                     "model to " + _words(rng, vocabulary, 10, 0.3, 20)}) + "\n")
             path = out / "shards" / f"train-{shard:05d}-of-{shards:05d}.parquet"
-            pq.write_table(writer.table(), path, compression="zstd")
+            write_shard(writer.table(), path)
             print(f"  shard {shard + 1}/{shards}: {n} rows", flush=True)
 
 
