@@ -25,8 +25,10 @@ import re
 import sys
 import unicodedata
 from collections import defaultdict
+from typing import Sequence
 
 import datasets
+import pyarrow as pa
 
 from data_prep.chat_format import ASSISTANT, USER, ChatFormat
 
@@ -180,3 +182,9 @@ RECORD_FEATURES = datasets.Features({
     "country": datasets.Value("string"),
     "events": datasets.List(datasets.Value("string")),
 })
+
+
+def column_of(records: datasets.Dataset, rows: Sequence[int], column: str) -> pa.ChunkedArray:
+    """One column of these rows, read by Arrow (iterating a datasets Column converts row by row:
+    seconds per 100k rows)."""
+    return records.select(rows).select_columns([column]).with_format("arrow")[column]

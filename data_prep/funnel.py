@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator
 import datasets
 import numpy as np
 
+from data_prep.conversations import column_of
+
 log = logging.getLogger(__name__)
 
 
@@ -113,24 +115,23 @@ class Dropped:
         with open(path, "w") as f:
             for start in range(0, len(self.rows), chunk_rows):
                 rows = self.rows[start:start + chunk_rows].tolist()
-                hashes = records.select(rows).select_columns(["conversation_hash"]).with_format("arrow")[
-                    "conversation_hash"].to_pylist()
+                hashes = values(records, rows, "conversation_hash")
                 for row, code, conversation_hash in zip(rows, self.codes[start:start + chunk_rows], hashes):
                     step, reason = self.kinds[code]
                     f.write(json.dumps({"row": row, "conversation_hash": conversation_hash, "step": step,
                                         "reason": reason}, sort_keys=True) + "\n")
 
 
-# A step: (name, decide), where decide(reached) takes the records at the rows reaching the step
-# (a datasets.Dataset, in row order) and returns one reason per row ("" keeps it). Each reads only
-# its own columns (`values`), and lets them go when it ends. Steps that look at the whole corpus,
-# such as ngram_count, see exactly the conversations the earlier steps kept.
-Step = tuple[str, Callable[[datasets.Dataset], list[str]]]
+# A step: (name, decide), where decide(records, rows) returns one reason per row of `rows` (the
+# rows reaching the step, in row order; "" keeps it). Each reads only its own columns at those rows
+# (`column_of`), and lets them go when it ends. Steps that look at the whole corpus, such as
+# ngram_count, see exactly the conversations the earlier steps kept.
+Step = tuple[str, Callable[[datasets.Dataset, list[int]], list[str]]]
 
 
-def values(reached: datasets.Dataset, column: str) -> list:
-    """One column at the rows reaching a step, as Python objects (read by Arrow, not row by row)."""
-    return reached.select_columns([column]).with_format("arrow")[column].to_pylist()
+def values(records: datasets.Dataset, rows: list[int], column: str) -> list:
+    """A column at these rows as Python objects."""
+    return column_of(records, rows, column).to_pylist()
 
 
 def first_turns(reached: datasets.Dataset, batch_rows: int = 1000) -> Iterator[str]:
@@ -141,16 +142,17 @@ def first_turns(reached: datasets.Dataset, batch_rows: int = 1000) -> Iterator[s
 
 
 def filter_steps(filters_cfg) -> list[Step]:
-    steps: list[Step] = [("malformed", lambda reached: values(reached, "malformed"))]
+    steps: list[Step] = [("malformed", lambda records, rows: values(records, rows, "malformed"))]
     if filters_cfg.languages is not None:
         languages = set(filters_cfg.languages)
-        steps.append(("language", lambda reached: [
-            "" if language in languages else "language" for language in values(reached, "language")]))
+        steps.append(("language", lambda records, rows: [
+            "" if language in languages else "language" for language in values(records, rows, "language")]))
     if filters_cfg.exact_duplicates:
-        def exact(reached):
+        def exact(records, rows):
             # A repeat of a kept conversation's hash or of its content.
             seen_hashes, seen_contents, reasons = set(), set(), []
-            for conversation_hash, content in zip(values(reached, "conversation_hash"), values(reached, "exact_key")):
+            for conversation_hash, content in zip(values(records, rows, "conversation_hash"),
+                                                    values(records, rows, "exact_key")):
                 duplicate = conversation_hash in seen_hashes or content in seen_contents
                 if not duplicate:
                     seen_hashes.add(conversation_hash)
@@ -160,29 +162,29 @@ def filter_steps(filters_cfg) -> list[Step]:
         steps.append(("exact_duplicate", exact))
     near = filters_cfg.near_duplicates
     if near.enabled and near.method == "prefix_key":
-        def prefix_key(reached):
+        def prefix_key(records, rows):
             seen, reasons = Counter(), []
-            for key in values(reached, "near_key"):
+            for key in values(records, rows, "near_key"):
                 if key:
                     seen[key] += 1
                 reasons.append("prefix_key" if key and seen[key] > near.max_per_key else "")
             return reasons
         steps.append(("near_duplicate", prefix_key))
     elif near.enabled:
-        def ngram_count(reached):
-            counts = NgramCounts(first_turns(reached), near.ngram, near.threshold)
-            return ["ngram_count" if counts.is_duplicate(i) else "" for i in range(len(reached))]
+        def ngram_count(records, rows):
+            counts = NgramCounts(first_turns(records.select(rows)), near.ngram, near.threshold)
+            return ["ngram_count" if counts.is_duplicate(i) else "" for i in range(len(rows))]
         steps.append(("near_duplicate", ngram_count))
     if filters_cfg.toxic:
-        steps.append(("toxic", lambda reached: ["toxic" if x else "" for x in values(reached, "toxic")]))
+        steps.append(("toxic", lambda records, rows: ["toxic" if x else "" for x in values(records, rows, "toxic")]))
     if filters_cfg.redacted:
-        steps.append(("redacted", lambda reached: ["redacted" if x else "" for x in values(reached, "redacted")]))
+        steps.append(("redacted", lambda records, rows: ["redacted" if x else "" for x in values(records, rows, "redacted")]))
     if filters_cfg.max_user_turns is not None:
-        steps.append(("max_user_turns", lambda reached: [
-            "max_user_turns" if n > filters_cfg.max_user_turns else "" for n in values(reached, "num_user_turns")]))
+        steps.append(("max_user_turns", lambda records, rows: [
+            "max_user_turns" if n > filters_cfg.max_user_turns else "" for n in values(records, rows, "num_user_turns")]))
     if filters_cfg.max_chars is not None:
-        steps.append(("max_chars", lambda reached: [
-            "max_chars" if n > filters_cfg.max_chars else "" for n in values(reached, "num_chars")]))
+        steps.append(("max_chars", lambda records, rows: [
+            "max_chars" if n > filters_cfg.max_chars else "" for n in values(records, rows, "num_chars")]))
     return steps
 
 
@@ -195,7 +197,7 @@ def apply_filters(records, filters_cfg, funnel: Funnel) -> tuple[list[int], Drop
     kept, dropped = list(range(len(records))), Dropped()
     for name, decide in filter_steps(filters_cfg):
         reasons, survivors = Counter(), []
-        for i, reason in zip(kept, decide(records.select(kept)), strict=True):
+        for i, reason in zip(kept, decide(records, kept), strict=True):
             if reason:
                 reasons[reason] += 1
                 dropped.add(i, name, reason)

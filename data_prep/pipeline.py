@@ -47,7 +47,7 @@ import data_prep.sources.messages
 from core import artifacts
 from data_prep import sources
 from data_prep.chat_format import ChatFormat, get_format, prepare_tokenizer, save_tokenizer
-from data_prep.conversations import RECORD_FEATURES
+from data_prep.conversations import RECORD_FEATURES, column_of
 from data_prep.examples import (EXAMPLE_FEATURES, conversations_with_intents, flip_batch, render_with_targets,
                                 token_statistics, unusable_intents)
 from data_prep.funnel import Dropped, Funnel, apply_filters
@@ -88,12 +88,6 @@ def load_tokenizer(tokenizer_cfg, chat_format: str):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_cfg.name_or_path,
                                               trust_remote_code=tokenizer_cfg.trust_remote_code)
     return prepare_tokenizer(tokenizer, get_format(chat_format), tokenizer_cfg.pad_token)
-
-
-def column_of(dataset: datasets.Dataset, rows: list[int], column: str) -> pa.ChunkedArray:
-    """One column of these rows, read by Arrow (iterating a datasets Column converts row by row:
-    seconds per 100k rows)."""
-    return dataset.select(rows).select_columns([column]).with_format("arrow")[column]
 
 
 class Selection(NamedTuple):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 
+from data_prep.conversations import column_of
+
 
 def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()
@@ -25,17 +27,14 @@ def assign_splits(records, kept: list[int], split_cfg) -> tuple[dict[str, list[i
     if abs(sum(fractions) - 1.0) > 1e-9 or min(split_cfg.fractions.values()) < 0:
         raise ValueError(f"split.fractions must be non-negative and sum to 1, got {dict(split_cfg.fractions)}")
     # Read by Arrow, a column at a time; a conversation's hash only where it has no user id.
-    columns = records.select(kept).select_columns(["user_key", "country"]).with_format("arrow")[:]
-    user_of: list[str | None] = columns["user_key"].to_pylist()
+    user_of: list[str | None] = column_of(records, kept, "user_key").to_pylist()
     missing = [i for i, key in enumerate(user_of) if key is None]
     anonymous = [kept[i] for i in missing]
     if split_cfg.missing_user != "drop" and missing:
-        hashes = records.select(anonymous).select_columns(["conversation_hash"]).with_format("arrow")[
-            "conversation_hash"].to_pylist()
-        for i, conversation_hash in zip(missing, hashes):
+        for i, conversation_hash in zip(missing, column_of(records, anonymous, "conversation_hash").to_pylist()):
             user_of[i] = f"conversation:{conversation_hash}"
     users_by_country: dict[str, set[str]] = defaultdict(set)
-    for key, country in zip(user_of, columns["country"].to_pylist()):
+    for key, country in zip(user_of, column_of(records, kept, "country").to_pylist()):
         if key is not None:
             users_by_country[country].add(key)
     split_of_user: dict[str, str] = {}
