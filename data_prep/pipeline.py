@@ -25,6 +25,8 @@ anything else, except a folder that holds an input of the run):
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib
 import json
 import logging
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from omegaconf import OmegaConf
@@ -71,14 +74,17 @@ CODE_VERSION = artifacts.source_hash(
 # every run.
 STAGES = ("load", "normalise", "filter", "split", "intents", "flip + tokenize", "save")
 STAGE_LOG_PREFIX = "data_prep stage "
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)   # glibc's; None elsewhere (musl, macOS)
 
 
 def log_stage(stage: str, start: float) -> None:
-    """End a stage (one of STAGES): hand the memory Arrow has freed back to the OS, then log one
-    JSON line after STAGE_LOG_PREFIX. (Arrow's allocator keeps freed pages for reuse: after loading
-    400k rows it held 0.75 GiB it no longer used, and more with every row; the next stage needs none
-    of it.)"""
+    """End a stage (one of STAGES): hand the memory freed in it back to the OS, then log one JSON
+    line after STAGE_LOG_PREFIX. Both allocators keep freed pages for reuse, and the next stage
+    needs none of them: Arrow's held 0.75 GiB after loading 400k rows; glibc's (Python's lists and
+    larger strings) 0.2-0.3 GiB after each of filter, split and intents at WildChat-1M."""
     pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("%s%s", STAGE_LOG_PREFIX, json.dumps({"stage": stage, "end_s": round(time.perf_counter() - start, 3),
                                                     "peak_main_gib": round(peak_gib, 2)}))
@@ -157,6 +163,47 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
     return Selection(records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args)
 
 
+def join_intents(cfg, selection: Selection, tokenizer) -> dict[str, datasets.Dataset]:
+    """The intents stage: each split's usable conversations with their intents (conversations_with_intents).
+    Every kept conversation lands in one funnel bucket: no intent, an intent that cannot be a system
+    message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
+    The intents held here (a few hundred bytes a conversation) go when it returns: flip and save
+    hold none of them."""
+    records, funnel, dropped = selection.records, selection.funnel, selection.dropped
+    kept_rows = [row for rows in selection.split_rows.values() for row in rows]
+    intents = get_intents(cfg.intents, selection.kept(), set(column_of(records, kept_rows, "conversation_hash").to_pylist()))
+    unusable = unusable_intents(intents, tokenizer, cfg.max_seq_len)
+    reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
+    conversations = {}
+    for split, rows in selection.split_rows.items():
+        usable_rows, usable_intents = [], []
+        for row, h in zip(rows, column_of(records, rows, "conversation_hash").to_pylist()):
+            step, reason = ("missing_intent", "missing_intent") if h not in intents else unusable.get(h, ("", ""))
+            if step:
+                reasons[step][reason] += 1
+                dropped.add(row, step, reason)
+            else:
+                usable_rows.append(row)
+                usable_intents.append(intents[h])
+        conversations[split] = conversations_with_intents(
+            records, usable_rows, usable_intents, join_fingerprint(selection.fingerprint, usable_rows, usable_intents))
+        funnel.kept[split] = len(usable_rows)
+    for step, counts in reasons.items():
+        funnel.remove(step, counts)
+    return conversations
+
+
+def join_fingerprint(fingerprint: str, rows: list[int], intents: list[str], chunk: int = 10_000) -> str:
+    """A hash of the records' fingerprint, the rows and their intents, fed a chunk at a time (the
+    JSON of every row and intent at once, as config_hash would build, is ~0.1 GiB at WildChat-1M's
+    kept conversations, and as much again while encoded)."""
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(np.asarray(rows, dtype=np.int64).tobytes())
+    for start in range(0, len(intents), chunk):
+        digest.update(json.dumps(intents[start:start + chunk]).encode())
+    return digest.hexdigest()[:16]
+
+
 def run(cfg) -> Path:
     """Prepare `cfg.output_dir`, holding its lock throughout: one data_prep per output directory."""
     check_config_key_names(cfg)  # before the config is written anywhere
@@ -175,28 +222,7 @@ def prepare(cfg) -> Path:
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection
 
     # ---- intents: one per kept conversation (read or generated; see data_prep.intents) --------
-    # Every kept conversation lands in one bucket: no intent, an intent that cannot be a system
-    # message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
-    hashes_of = {split: column_of(records, rows, "conversation_hash").to_pylist() for split, rows in split_rows.items()}
-    intents = get_intents(cfg.intents, selection.kept(), {h for hashes in hashes_of.values() for h in hashes})
-    unusable = unusable_intents(intents, tokenizer, cfg.max_seq_len)
-    reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
-    conversations = {}
-    for split, rows in split_rows.items():
-        usable = []
-        for row, h in zip(rows, hashes_of[split]):
-            step, reason = ("missing_intent", "missing_intent") if h not in intents else unusable.get(h, ("", ""))
-            if step:
-                reasons[step][reason] += 1
-                dropped.add(row, step, reason)
-            else:
-                usable.append((row, h))
-        usable_rows, usable_intents = [r for r, _ in usable], [intents[h] for _, h in usable]
-        conversations[split] = conversations_with_intents(
-            records, usable_rows, usable_intents, artifacts.config_hash(fingerprint, usable_rows, usable_intents))
-        funnel.kept[split] = len(usable)
-    for step, counts in reasons.items():
-        funnel.remove(step, counts)
+    conversations = join_intents(cfg, selection, tokenizer)
     funnel.events = dict(sorted(events.items()))
     funnel.check()
 
