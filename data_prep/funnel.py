@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.conversations import column_of
+from data_prep.conversations import column_of, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def codes(records: datasets.Dataset, rows, column: str) -> tuple[list[int], pa.A
     return pc.fill_null(encoded.indices, len(encoded.dictionary)).to_pylist(), encoded.dictionary
 
 
-def first_turns(reached: datasets.Dataset, batch_rows: int = 1000) -> Iterator[str]:
-    """The first turn of each conversation reaching a step, read a batch at a time (never all the text)."""
-    for batch in reached.select_columns(["turns"]).iter(batch_size=batch_rows):
-        for turns in batch["turns"]:
+def first_turns(records: datasets.Dataset, rows, batch_rows: int = 1000) -> Iterator[str]:
+    """The first turn of each of these rows, read a batch at a time (never all the text)."""
+    for start in range(0, len(rows), batch_rows):
+        for turns in rows_of(records, rows[start:start + batch_rows], ["turns"])["turns"].to_pylist():
             yield turns[0]["content"] if turns else ""
 
 
@@ -187,7 +187,7 @@ def filter_steps(filters_cfg) -> list[Step]:
         steps.append(("near_duplicate", prefix_key))
     elif near.enabled:
         def ngram_count(records, rows):
-            counts = NgramCounts(first_turns(records.select(rows)), near.ngram, near.threshold)
+            counts = NgramCounts(first_turns(records, rows), near.ngram, near.threshold)
             return ["ngram_count" if counts.is_duplicate(i) else "" for i in range(len(rows))]
         steps.append(("near_duplicate", ngram_count))
     if filters_cfg.toxic:

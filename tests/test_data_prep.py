@@ -305,3 +305,32 @@ def test_intents_join_gathers_the_rows_by_arrow_and_reuses_its_file(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "records").iterdir() if "conversations" in p.name) == [written.name]
     empty = examples.conversations_with_intents(records, [], [], "fp-empty")
     assert len(empty) == 0 and empty.column_names == joined.column_names
+
+
+def test_rows_are_gathered_in_any_order_across_record_batches_and_selections(tmp_path):
+    """conversations.rows_of / column_of: the rows asked for, in the order asked, from a table of
+    several record batches, and from a selection of it (its indices mapping)."""
+    from data_prep.conversations import column_of, rows_of
+    parts = [datasets.Dataset.from_dict({"s": [f"s{i}" for i in range(k, k + 7)], "n": list(range(k, k + 7))})
+             for k in range(0, 70, 7)]
+    datasets.concatenate_datasets(parts).save_to_disk(str(tmp_path / "t"), max_shard_size="1KB")
+    table = datasets.load_from_disk(str(tmp_path / "t"))
+    assert len(table.data.table.to_batches()) > 1
+    for rows in ([], [3], list(range(70)), [69, 0, 5, 5, 33], [12, 11, 10, 50, 1]):
+        assert column_of(table, rows, "s").to_pylist() == [f"s{i}" for i in rows]
+    assert rows_of(table, [9, 2], ["n", "s"]).to_pylist() == [{"n": 9, "s": "s9"}, {"n": 2, "s": "s2"}]
+    assert column_of(table.select([60, 2, 9, 40]), [3, 0, 2], "n").to_pylist() == [40, 60, 9]
+
+
+def test_an_exact_duplicate_is_a_repeat_of_a_kept_conversation():
+    """A conversation is dropped when its hash or its content repeats one kept before it; a dropped
+    one adds nothing to what later rows are compared with (so c, whose hash repeats only the
+    dropped b's, is kept)."""
+    from omegaconf import OmegaConf
+    from data_prep.funnel import filter_steps
+    records = datasets.Dataset.from_dict({"conversation_hash": ["a", "b", "b", "d", None, None],
+                                          "exact_key": ["x", "x", "y", "x", "z", "w"]})
+    cfg = OmegaConf.create({"languages": None, "exact_duplicates": True, "near_duplicates": {"enabled": False},
+                            "toxic": False, "redacted": False, "max_user_turns": None, "max_chars": None})
+    exact = dict(filter_steps(cfg))["exact_duplicate"]
+    assert exact(records, list(range(6))) == ["", "exact_duplicate", "", "exact_duplicate", "", "exact_duplicate"]
