@@ -27,8 +27,8 @@ from data_prep.intents.checks import intent_problem
 INTENT_TOKENIZE_BATCH = 10_000  # intents tokenized per call when measuring them
 INSERTED_TOKENS_MARGIN = 8      # tokens beyond one per byte that a body may get (the end of turn, a prefix)
 WRITER_BATCH_ROWS = 1000        # rows per Arrow record batch written (datasets' own default)
-JOIN_ROWS = WRITER_BATCH_ROWS  # conversations gathered and written at a time by the intents join
-# (their turns: 10k at a time were ~0.15 GiB, gathered, combined and cast)
+# Conversations gathered and written at a time by the intents join (10k held ~0.15 GiB of turns).
+JOIN_ROWS = WRITER_BATCH_ROWS
 
 TURN = {"role": datasets.Value("string"), "content": datasets.Value("string")}
 CONVERSATION_FEATURES = datasets.Features({

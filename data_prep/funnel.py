@@ -131,7 +131,7 @@ class Dropped:
 Step = tuple[str, Callable[[datasets.Dataset, np.ndarray], list[str]]]
 
 
-def values(records: datasets.Dataset, rows: list[int], column: str) -> list:
+def values(records: datasets.Dataset, rows, column: str) -> list:
     """A column at these rows as Python objects."""
     return column_of(records, rows, column).to_pylist()
 
