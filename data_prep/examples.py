@@ -105,7 +105,7 @@ def flip_batch(batch: dict, tokenizer, mode: str, max_seq_len: int) -> pa.Table:
     encoder = ChatEncoder(tokenizer)
     conversations = [conversation_messages(intent, turns, ended)
                      for intent, turns, ended in zip(batch["intent"], batch["turns"], batch["ended"])]
-    bodies = encoder.encode_bodies([m["content"] for messages in conversations for m in messages])
+    bodies = encoder.encode_body_arrays([m["content"] for messages in conversations for m in messages])
     examples, hashes, indices = [], [], []
     offset = 0
     for conversation_hash, messages in zip(batch["conversation_hash"], conversations):
