@@ -195,6 +195,16 @@ def rollup(pid: int) -> dict[str, int]:
     return values
 
 
+def machine_cpu() -> dict[str, float]:
+    """This machine's CPU seconds so far, all cores (/proc/stat): busy (user, nice, system, irq,
+    softirq), iowait, idle, and steal (taken by the VM's host: the drift between runs)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"busy": (user + nice + system + irq + softirq) / tick, "iowait": iowait / tick, "idle": idle / tick,
+            "steal": steal / tick}
+
+
 class MemoryCgroup:
     """A cgroup v1 memory cgroup capped at `gib`, for one child process tree; None where the
     machine does not allow one (not root, no cgroup v1 memory controller)."""
@@ -237,6 +247,7 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(args.workdir / "hf_cache"))
     peaks = {"anon": 0, "file": 0, "total": 0, "main_anon": 0}
     stages: dict[str, float] = {}
+    cpu_at_stage_end = {"start": machine_cpu()}   # the benchmark runs alone: the machine's CPU is data_prep's
     # The main process's peak anonymous memory in each stage: a sample counts for the first stage
     # whose log line has not arrived yet (to within SAMPLE_SECONDS).
     main_anon_by_stage = dict.fromkeys(STAGES, 0)
@@ -271,12 +282,27 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
             if line.startswith(STAGE_LOG_PREFIX):
                 record = json.loads(line[len(STAGE_LOG_PREFIX):])
                 stages[record["stage"]] = record["end_s"]
+                cpu_at_stage_end[record["stage"]] = machine_cpu()
     returncode = process.wait()
     done.set()
     sampler.join()
     return {"seconds": time.perf_counter() - start, "returncode": returncode, "stage_end_s": stages,
+            "cpu_by_stage": cpu_by_stage(cpu_at_stage_end),
             "main_anon_gib_by_stage": {s: round(v / 2**30, 2) for s, v in main_anon_by_stage.items()},
             **{f"peak_{key}_gib": round(value / 2**30, 2) for key, value in peaks.items()}}
+
+
+def cpu_by_stage(cpu_at_stage_end: dict[str, dict[str, float]], stages=STAGES) -> dict[str, dict[str, float]]:
+    """Each stage's share of the machine's cores (all cores' seconds in it): busy, waiting on I/O,
+    idle, stolen by the host. Busy near 1.0 says the stage's gap to the limit is work, not waiting."""
+    out, previous = {}, cpu_at_stage_end["start"]
+    for stage in stages:
+        if stage in cpu_at_stage_end:
+            spent = {k: cpu_at_stage_end[stage][k] - previous[k] for k in previous}
+            total = sum(spent.values()) or 1.0
+            out[stage] = {k: round(v / total, 3) for k, v in spent.items()}
+            previous = cpu_at_stage_end[stage]
+    return out
 
 
 def per_stage(stage_end_s: dict, limit_seconds: float) -> dict:
@@ -341,7 +367,9 @@ def main() -> None:
         if warm["returncode"]:
             raise SystemExit(f"the warm rerun failed with exit code {warm['returncode']}")
 
+    cpu_before_limit = machine_cpu()
     limit = tokenizer_limit(output_dir / "conversations", tokenizer, args.limit_every)
+    limit["cpu_share"] = cpu_by_stage({"start": cpu_before_limit, "limit": machine_cpu()}, ("limit",))["limit"]
     manifest = json.loads((output_dir / "manifest.json").read_text())
     load = os.getloadavg()
     result = {
@@ -354,6 +382,7 @@ def main() -> None:
         "stages": per_stage(prep["stage_end_s"], limit["seconds"]),
         "memory_gib": {key[len("peak_"):-len("_gib")]: prep[key] for key in prep if key.startswith("peak_")},
         "main_anon_gib_by_stage": prep["main_anon_gib_by_stage"],
+        "cpu_share_by_stage": prep["cpu_by_stage"],
         "memory_cgroup": capped,
         "warm_rerun": None if warm is None else {
             "seconds": round(warm["seconds"], 1), "vs_cold": round(warm["seconds"] / prep["seconds"], 3),

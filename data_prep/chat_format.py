@@ -29,6 +29,7 @@ read the format from data_prep's saved tokenizer, never from a setting of their 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -54,6 +55,7 @@ IM_START, IM_END, IM_END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
 IGNORE_INDEX = -100  # label of a token that carries no loss
+CONTROL_MARK = "<|"  # the start of both formats' control strings and of every other_special match
 # The pad token the userlm format installs: a token Llama-3's vocabulary reserves, never the EOS.
 PAD_TOKEN = "<|reserved_special_token_0|>"
 # Every task intent opens with this (data_prep's intent checks, evaluate's overlap and repetition
@@ -84,8 +86,15 @@ class ChatFormat:
     # Strings that must never occur inside message content: tokenizing them would create control
     # tokens, and the text would no longer round-trip. data_prep drops (and counts) such rows.
     control_strings: tuple[str, ...]
-    # The family's other special tokens, which a tokenizer would also read as one control token.
+    # The family's other special tokens, which a tokenizer would also read as one control token
+    # (every match begins with CONTROL_MARK).
     other_special: re.Pattern
+
+    @functools.cached_property
+    def _unmarked_control_strings(self) -> tuple[str, ...]:
+        """The control strings without CONTROL_MARK (another family's special tokens, as Gemma's
+        <start_of_turn>): the only ones a text without the mark can hold."""
+        return tuple(s for s in self.control_strings if CONTROL_MARK not in s)
 
     @property
     def chat_template(self) -> str:
@@ -108,6 +117,8 @@ class ChatFormat:
 
     def find_control_string(self, text: str) -> str | None:
         """The first control string (or other special token of the family) that `text` holds, or None."""
+        if CONTROL_MARK not in text:   # one scan of the text rules out every string holding the mark
+            return next((s for s in self._unmarked_control_strings if s in text), None)
         found = next((s for s in self.control_strings if s in text), None)
         if found is None and "<|" in text:
             match = self.other_special.search(text)

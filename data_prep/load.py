@@ -268,3 +268,31 @@ def _hub_sha(data_cfg) -> str:
     """The commit sha that `revision` resolves to on the hub, recorded for reproducibility."""
     from huggingface_hub import HfApi
     return HfApi().dataset_info(data_cfg.source, revision=data_cfg.revision).sha
+
+
+def records_of(batch: pa.Table, source_name: str, columns: list[str] | None, **kwargs) -> dict:
+    """The normalise map (batched, over the loaded rows in Arrow format): the source's records of
+    `batch`, given as Python columns (python_columns of the `columns` read; None: all)."""
+    source = sources.get(source_name)
+    return source.records(python_columns(batch, columns, source.nested_fields), **kwargs)
+
+
+def python_columns(batch: pa.Table, columns: list[str] | None, nested_fields: dict[str, tuple[str, ...]]
+                   ) -> dict[str, list]:
+    """These columns of `batch` as Python lists, as datasets' Python format gives them, except that
+    each list-of-structs column named in `nested_fields` holds only those of its struct fields."""
+    return {name: _only_fields(column.combine_chunks(), nested_fields[name]).to_pylist()
+            if name in nested_fields else column.to_pylist()
+            for name, column in zip(batch.column_names, batch.columns) if columns is None or name in columns}
+
+
+def _only_fields(lists: pa.Array, fields: tuple[str, ...]) -> pa.Array:
+    """`lists` (a list of structs) with only these struct fields; any other array as it is."""
+    if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)) or \
+            not pa.types.is_struct(lists.type.value_type):
+        return lists
+    structs = lists.values   # the whole child array: lists.offsets index into it
+    kept = [f for f in fields if structs.type.get_field_index(f) >= 0]
+    values = pa.StructArray.from_arrays([structs.field(f) for f in kept], names=kept,
+                                        mask=structs.is_null() if structs.null_count else None)
+    return type(lists).from_arrays(lists.offsets, values, mask=lists.is_null() if lists.null_count else None)

@@ -56,7 +56,7 @@ from data_prep.examples import (EXAMPLE_FEATURES, conversations_with_intents, fl
 from data_prep.funnel import Dropped, Funnel, apply_filters
 from data_prep.intents import get_intents
 from core.llm_client import check_config_key_names
-from data_prep.load import load_source
+from data_prep.load import load_source, read_columns, records_of
 from data_prep.split import assign_splits
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,13 @@ def select_conversations(cfg, start: float | None = None, chat_format: ChatForma
     # row: as the schema's dataclasses (OmegaConf.to_object), not DictConfigs, whose every attribute
     # read costs ~90 us.
     filters_cfg, data_cfg = OmegaConf.to_object(cfg.filters), OmegaConf.to_object(cfg.data)
-    records = raw.map(source.records, fn_kwargs={"filters_cfg": filters_cfg, "data_cfg": data_cfg,
-                                                 "chat_format": chat_format},
-                      remove_columns=raw.column_names, features=RECORD_FEATURES,
-                      new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args)
+    # The rows are read in Arrow format: only the columns and struct fields the source reads become
+    # Python objects (data_prep.load.records_of).
+    records = raw.with_format("arrow").map(
+        records_of, fn_kwargs={"source_name": source.name, "columns": read_columns(source, cfg.data),
+                               "filters_cfg": filters_cfg, "data_cfg": data_cfg, "chat_format": chat_format},
+        remove_columns=raw.column_names, features=RECORD_FEATURES,
+        new_fingerprint=f"normalise-{fingerprint}", desc="normalise", **map_args).with_format(None)
 
     log_stage("normalise", start)
     # ---- filter: every row lands in exactly one funnel bucket ----------------------------------

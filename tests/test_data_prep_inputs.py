@@ -300,3 +300,33 @@ def test_a_turn_holding_a_llama3_special_token_is_malformed_not_trained_on(tiny_
     assert USERLM.find_control_string("a <|not_a_special_token|> and <| spaced |>") is None
     assert check_reply(f"{INTENT_PREFIX} test {PAD_TOKEN}.", "stop",
                        compose_config("data_prep", ["experiment=tiny"]).intents.checks) == (None, "control_token")
+
+
+def test_control_characters_are_found_as_the_regular_expression_finds_them():
+    """has_control_character reads bytes, and the expression only where a C1 control may be."""
+    from data_prep.conversations import _CONTROL_CHARACTER, has_control_character
+    texts = ["plain ascii\n\twith tabs\r", "nul\x00", "esc \x1b[0m", "del\x7f", "c1 \x85 next line", "\x9f",
+             "latin é, degrees 40°, nbsp\xa0", "lone surrogate \ud800 kept", "emoji 😀 and zero\u200bwidth", ""]
+    for text in texts:
+        assert has_control_character(text) == (_CONTROL_CHARACTER.search(text) is not None), repr(text)
+    assert [has_control_character(t) for t in texts] == [False, True, True, True, True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("list_type", [pa.list_, pa.large_list])
+def test_struct_fields_not_read_are_left_out_of_the_python_rows(list_type):
+    """python_columns: what datasets' Python format gives, less the struct fields a source does not
+    read; null lists, null turns and a field the file lacks stay as they were; a slice reads its own rows."""
+    from data_prep.load import python_columns
+    turn = pa.struct([("content", pa.string()), ("role", pa.string()), ("timestamp", pa.int64())])
+    rows = [{"id": "a", "turns": [{"content": "hi", "role": "user", "timestamp": 1}, None]},
+            {"id": "b", "turns": None},
+            {"id": "c", "turns": [{"content": None, "role": "assistant", "timestamp": 3}]},
+            {"id": "d", "turns": []}]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("turns", list_type(turn))]))
+    for start in range(len(rows)):
+        batch = table.slice(start)
+        columns = python_columns(batch, None, {"turns": ("role", "content", "toxic")})
+        expected = [None if turns is None else [None if t is None else {"content": t["content"], "role": t["role"]}
+                                                for t in turns] for turns in batch.column("turns").to_pylist()]
+        assert columns == {"id": batch.column("id").to_pylist(), "turns": expected}
+    assert python_columns(table, ["id"], {}) == {"id": ["a", "b", "c", "d"]}

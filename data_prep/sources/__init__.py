@@ -20,7 +20,7 @@ This module imports nothing heavy: the config schema takes the names from it.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 NAMES = ("wildchat", "prism", "lmsys", "sharegpt", "openai_messages")
@@ -42,6 +42,11 @@ class Source:
     json_field: str | None = None          # json_rows: the field every row holds (checked on each file's first row)
     columns: tuple[str, ...] | None = None  # table: the parquet columns read (None: all)
     has_language: bool = False             # rows carry a language: filters.languages can apply
+    # table: of each list-of-structs column, the struct fields `records` reads (those a file has);
+    # the others never become Python objects (WildChat's turns carry timestamps, browser headers and
+    # ids besides role and content: converting all of them was half of normalise's time). A column
+    # not named here is converted whole.
+    nested_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # The user field is fixed by the schema (WildChat: hashed_ip with country, PRISM: user_id):
     # data.user_field must name it. None: data.user_field is any top-level field, or null.
     fixed_user_field: str | None = None

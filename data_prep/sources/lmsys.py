@@ -41,4 +41,5 @@ def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
 
 
 SOURCE = Source("lmsys", reader="table", records=records, check=check,
-                columns=(*REQUIRED, *OPTIONAL, "openai_moderation"), has_language=True)
+                columns=(*REQUIRED, *OPTIONAL, "openai_moderation"),
+                nested_fields={"conversation": ("content", "role"), "openai_moderation": ("flagged",)}, has_language=True)

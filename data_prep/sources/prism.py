@@ -51,4 +51,6 @@ def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
     return records_batch(out)
 
 
-SOURCE = Source("prism", reader="table", records=records, check=schemas.check_prism, fixed_user_field="user_id")
+SOURCE = Source("prism", reader="table", records=records, check=schemas.check_prism, fixed_user_field="user_id",
+                nested_fields={"conversation_history": ("turn", "role", "content", "if_chosen", "score",
+                                                        "within_turn_id")})

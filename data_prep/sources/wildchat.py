@@ -38,5 +38,6 @@ def records(batch: dict, filters_cfg, data_cfg, chat_format) -> dict:
 
 
 SOURCE = Source("wildchat", reader="table", records=records, check=schemas.check_wildchat,
-                columns=schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL, has_language=True,
+                columns=schemas.WILDCHAT_REQUIRED + schemas.WILDCHAT_OPTIONAL,
+                nested_fields={"conversation": schemas.TURN_REQUIRED + schemas.TURN_OPTIONAL}, has_language=True,
                 fixed_user_field="hashed_ip")
