@@ -12,6 +12,7 @@ counts those conversations, so flipping never meets one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 import pyarrow as pa
@@ -51,7 +52,7 @@ EXAMPLE_FEATURES = datasets.Features({
 })
 
 
-def conversations_with_intents(records: datasets.Dataset, rows: list[int], intents: list[str],
+def conversations_with_intents(records: datasets.Dataset, rows: Sequence[int], intents: pa.Array | Sequence[str],
                                fingerprint: str) -> datasets.Dataset:
     """The conversations at `rows` of `records`, each with its intent (`intents`, in the same order),
     as a dataset memory-mapped from one Arrow file beside records' cache files, named by
@@ -60,6 +61,7 @@ def conversations_with_intents(records: datasets.Dataset, rows: list[int], inten
     record columns gathered by row, the intent column appended after them; no row is converted to
     Python, and memory holds one chunk (datasets' flatten_indices + add_column would convert every
     row, and hold the intents column in memory)."""
+    intents = intents if isinstance(intents, (pa.Array, pa.ChunkedArray)) else pa.array(intents, pa.string())
     columns = [c for c in CONVERSATION_FEATURES if c != "intent"]
     features = datasets.Features({c: CONVERSATION_FEATURES[c] for c in [*columns, "intent"]})
     path = Path(records.cache_files[0]["filename"]).parent / f"conversations-{fingerprint}.arrow"
@@ -68,8 +70,11 @@ def conversations_with_intents(records: datasets.Dataset, rows: list[int], inten
                 ArrowWriter(features=features, path=str(partial), writer_batch_size=WRITER_BATCH_ROWS) as writer:
             for start in range(0, len(rows), JOIN_ROWS):
                 chunk = rows_of(records, rows[start:start + JOIN_ROWS], columns)
-                writer.write_table(chunk.append_column("intent", pa.array(intents[start:start + JOIN_ROWS],
-                                                                           pa.string())))
+                # The chunk's intents built again from their strings: a slice of a filtered or taken
+                # array can carry value bytes past its last string, which the IPC writer keeps, and the
+                # file is to be the same bytes whichever way the intents were gathered.
+                own = pa.array(intents.slice(start, JOIN_ROWS).to_pylist(), pa.string())
+                writer.write_table(chunk.append_column("intent", own))
             writer.finalize()
     info = records.info.copy()
     info.features = features
@@ -78,22 +83,29 @@ def conversations_with_intents(records: datasets.Dataset, rows: list[int], inten
     return datasets.Dataset(MemoryMappedTable.from_file(str(path)), info=info, fingerprint=fingerprint)
 
 
-def unusable_intents(intents: dict[str, str], tokenizer, max_seq_len: int) -> dict[str, tuple[str, str]]:
-    """conversation_hash -> (funnel step, reason) for each of `intents` that cannot be used."""
-    unusable = {h: ("bad_intent", f"bad_intent:{problem}")
-                for h, problem in ((h, intent_problem(intent)) for h, intent in intents.items()) if problem}
+def unusable_intents(intents: pa.Array, tokenizer, max_seq_len: int) -> dict[int, tuple[str, str]]:
+    """index -> (funnel step, reason) for each of `intents` (an Arrow string array; null: no intent)
+    that cannot be used. Read INTENT_TOKENIZE_BATCH intents at a time."""
     encoder = ChatEncoder(tokenizer)
     header = len(encoder.header_ids[SYSTEM])
-    # Every token of a body covers at least one byte of its text, so a body has at most its UTF-8
-    # length in tokens, plus its end of turn and a few a tokenizer may insert (a dummy prefix): an intent
-    # that fits by that bound is never tokenized here (flip tokenizes it anyway).
-    rest = [h for h, intent in intents.items() if h not in unusable and not encoder.system_fits(
-        header + len(("\n" + intent).encode("utf-8")) + INSERTED_TOKENS_MARGIN, max_seq_len)]
-    for start in range(0, len(rest), INTENT_TOKENIZE_BATCH):
-        hashes = rest[start:start + INTENT_TOKENIZE_BATCH]
-        for h, body in zip(hashes, encoder.encode_bodies([intents[h] for h in hashes])):
+    unusable: dict[int, tuple[str, str]] = {}
+    for start in range(0, len(intents), INTENT_TOKENIZE_BATCH):
+        chunk = intents.slice(start, INTENT_TOKENIZE_BATCH).to_pylist()
+        to_tokenize = []
+        for index, intent in enumerate(chunk, start):
+            if intent is None:
+                continue
+            if problem := intent_problem(intent):
+                unusable[index] = ("bad_intent", f"bad_intent:{problem}")
+            # Every token of a body covers at least one byte of its text, so a body has at most its
+            # UTF-8 length in tokens, plus its end of turn and a few a tokenizer may insert (a dummy
+            # prefix): an intent that fits by that bound is never tokenized here (flip tokenizes it anyway).
+            elif not encoder.system_fits(header + len(("\n" + intent).encode("utf-8")) + INSERTED_TOKENS_MARGIN,
+                                         max_seq_len):
+                to_tokenize.append(index)
+        for index, body in zip(to_tokenize, encoder.encode_bodies([chunk[i - start] for i in to_tokenize])):
             if not encoder.system_fits(header + len(body), max_seq_len):
-                unusable[h] = ("intent_too_long", "intent_too_long")
+                unusable[index] = ("intent_too_long", "intent_too_long")
     return unusable
 
 

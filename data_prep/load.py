@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 JSON_ROW_FEATURES = datasets.Features({"json": datasets.Value("string")})
 JSON_SUFFIXES = (".jsonl", ".json")
 READ_CHUNK_BYTES = 16 * 2**20
+# Rows decoded from parquet at a time (datasets' default is a whole row group: the hub's are up to
+# 100 MB of WildChat text, held decoded while they are copied into the Arrow cache).
+PARQUET_BATCH_ROWS = 1000
 
 
 def local_files(source: str) -> list[Path] | None:
@@ -143,6 +146,7 @@ def load_local(files: list[Path], columns: list[str] | None, check, source: str)
     if files[0].suffix == ".parquet":
         builder = "parquet"
         with_rows, kwargs["columns"] = check_parquet_files(files, columns, check)
+        kwargs["batch_size"] = PARQUET_BATCH_ROWS
     else:
         builder = "json"
         with_rows = [f for f in files if check_utf8(f)]

@@ -34,7 +34,7 @@ import resource
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import datasets
 import numpy as np
@@ -74,7 +74,10 @@ CODE_VERSION = artifacts.source_hash(
 # every run.
 STAGES = ("load", "normalise", "filter", "split", "intents", "flip + tokenize", "save")
 STAGE_LOG_PREFIX = "data_prep stage "
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)   # glibc's; None elsewhere (musl, macOS)
+_LIBC = ctypes.CDLL(None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)   # glibc's; None elsewhere (musl, macOS)
+_MALLOPT = getattr(_LIBC, "mallopt", None)
+_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 2**20
 
 
 def log_stage(stage: str, start: float) -> None:
@@ -170,40 +173,43 @@ def join_intents(cfg, selection: Selection, tokenizer) -> dict[str, datasets.Dat
     """The intents stage: each split's usable conversations with their intents (conversations_with_intents).
     Every kept conversation lands in one funnel bucket: no intent, an intent that cannot be a system
     message (bad text, or too long for max_seq_len: data_prep.examples.unusable_intents), or kept.
-    The intents held here (a few hundred bytes a conversation) go when it returns: flip and save
-    hold none of them."""
+    The intents are one Arrow array, aligned with the kept rows (split after split), and go when it
+    returns: flip and save hold none of them."""
     records, funnel, dropped = selection.records, selection.funnel, selection.dropped
-    kept_rows = [row for rows in selection.split_rows.values() for row in rows]
-    intents = get_intents(cfg.intents, selection.kept(), set(column_of(records, kept_rows, "conversation_hash").to_pylist()))
+    split_rows = {split: np.asarray(rows, dtype=np.int64) for split, rows in selection.split_rows.items()}
+    kept_rows = np.concatenate([np.zeros(0, dtype=np.int64), *split_rows.values()])
+    intents = get_intents(cfg.intents, selection.kept(), column_of(records, kept_rows, "conversation_hash"))
     unusable = unusable_intents(intents, tokenizer, cfg.max_seq_len)
+    unused = np.array(intents.is_null().to_numpy(zero_copy_only=False))   # a writable copy
+    unused[list(unusable)] = True
     reasons = {step: Counter() for step in ("missing_intent", "bad_intent", "intent_too_long")}
-    conversations = {}
-    for split, rows in selection.split_rows.items():
-        usable_rows, usable_intents = [], []
-        for row, h in zip(rows, column_of(records, rows, "conversation_hash").to_pylist()):
-            step, reason = ("missing_intent", "missing_intent") if h not in intents else unusable.get(h, ("", ""))
-            if step:
-                reasons[step][reason] += 1
-                dropped.add(row, step, reason)
-            else:
-                usable_rows.append(row)
-                usable_intents.append(intents[h])
+    conversations, start = {}, 0
+    for split, rows in split_rows.items():
+        own = slice(start, start + len(rows))
+        for index in np.flatnonzero(unused[own]) + start:
+            step, reason = unusable.get(int(index), ("missing_intent", "missing_intent"))
+            reasons[step][reason] += 1
+            dropped.add(int(kept_rows[index]), step, reason)
+        usable, own_intents = ~unused[own], intents.slice(start, len(rows))
+        usable_rows = rows[usable]
+        usable_intents = own_intents if usable.all() else own_intents.filter(pa.array(usable))   # no copy when all are
         conversations[split] = conversations_with_intents(
             records, usable_rows, usable_intents, join_fingerprint(selection.fingerprint, usable_rows, usable_intents))
         funnel.kept[split] = len(usable_rows)
+        start += len(rows)
     for step, counts in reasons.items():
         funnel.remove(step, counts)
     return conversations
 
 
-def join_fingerprint(fingerprint: str, rows: list[int], intents: list[str], chunk: int = 10_000) -> str:
+def join_fingerprint(fingerprint: str, rows: Sequence[int], intents: pa.Array, chunk: int = 10_000) -> str:
     """A hash of the records' fingerprint, the rows and their intents, fed a chunk at a time (the
     JSON of every row and intent at once, as config_hash would build, is ~0.1 GiB at WildChat-1M's
     kept conversations, and as much again while encoded)."""
     digest = hashlib.sha256(fingerprint.encode())
     digest.update(np.asarray(rows, dtype=np.int64).tobytes())
     for start in range(0, len(intents), chunk):
-        digest.update(json.dumps(intents[start:start + chunk]).encode())
+        digest.update(json.dumps(intents.slice(start, chunk).to_pylist()).encode())
     return digest.hexdigest()[:16]
 
 
@@ -220,6 +226,11 @@ def prepare(cfg) -> Path:
     inputs = [cfg.data.source, cfg.intents.path, cfg.tokenizer.name_or_path]
     artifacts.check_replaceable(output_dir, "data_prep", cfg.overwrite, inputs)
     start = time.perf_counter()
+    if _MALLOPT is not None:
+        # Blocks of 1 MiB and more are mapped, and unmapped when freed. glibc otherwise raises that
+        # threshold to the largest block freed (up to 32 MiB), and parquet's decoded pages, read
+        # through Python, then stayed in its heap: 0.3 GiB of the load stage's peak at WildChat-1M.
+        _MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_format)
     selection = select_conversations(cfg, start, get_format(cfg.chat_format).with_tokenizer_specials(tokenizer))
     records, split_rows, funnel, dropped, events, provenance, fingerprint, map_args = selection

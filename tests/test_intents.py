@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import datasets
+import pyarrow as pa
 import pytest
 
 from data_prep.intents import get_intents, read_intents
@@ -176,17 +177,22 @@ def test_only_the_wanted_conversations_intents_are_held_but_every_row_is_checked
         for h, text in (("a", "a"), ("b", "b"), ("b", "b again"), ("c", "c")):
             writer.append({"conversation_hash": h, "intent": f"{INTENT_PREFIX} {text}.", "prompt_version": "v1",
                            "prompt_sha": sha, "model": "m"})
-    assert get_intents(cfg, None, {"a", "c"}) == {"a": f"{INTENT_PREFIX} a.", "c": f"{INTENT_PREFIX} c."}
+    of = pa.array(["c", "x", "a", "c"])   # in data_prep's order, a hash kept twice, one with no intent
+    assert get_intents(cfg, None, of).to_pylist() == [f"{INTENT_PREFIX} c.", None, f"{INTENT_PREFIX} a.",
+                                                      f"{INTENT_PREFIX} c."]
+    assert get_intents(cfg, None, pa.array([], pa.string())).to_pylist() == []
     with pytest.raises(ValueError, match="several intents"):
-        get_intents(cfg, None, {"a", "b"})
-    assert read_intents(tmp_path / "intents.jsonl", "v1", "m", only={"c"}) == {"c": f"{INTENT_PREFIX} c."}
+        get_intents(cfg, None, pa.array(["a", "b"]))
+    # The generating backend's rows: the newest of a conversation wins.
+    assert read_intents(tmp_path / "intents.jsonl", "v1", "m", of=pa.array(["c", "b"])).to_pylist() == [
+        f"{INTENT_PREFIX} c.", f"{INTENT_PREFIX} b again."]
     with JsonlWriter(tmp_path / "intents.jsonl") as writer:
         writer.append({"conversation_hash": "d", "intent": "x", "prompt_version": "v1", "prompt_sha": "0" * 16})
     with pytest.raises(ValueError, match="different prompt text"):
-        get_intents(cfg, None, {"a"})
+        get_intents(cfg, None, pa.array(["a"]))
     (tmp_path / "intents.jsonl").write_text((tmp_path / "intents.jsonl").read_text() + '{"conversation_hash": "e"}\n')
     with pytest.raises(ValueError, match="intent"):
-        read_intents(tmp_path / "intents.jsonl", only={"a"})
+        read_intents(tmp_path / "intents.jsonl", of=pa.array(["a"]))
 
 # ---- generation against a real server -------------------------------------------------------------
 
