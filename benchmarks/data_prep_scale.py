@@ -32,6 +32,11 @@ anonymous memory. With --memory-cap-gib the run happens inside a cgroup v1 memor
 completed and the cgroup's memory.max_usage_in_bytes (which also counts page cache), then removes
 the cgroup. Where no cgroup can be created it says so and runs uncapped.
 
+CPU: the machine's /proc/stat at the start and at each stage's end (the benchmark runs alone, so
+the machine's CPU is data_prep's): each stage's share of all cores' time busy, waiting on I/O,
+idle, and stolen by the VM's host; the same over the limit's run. A stage busy near 1.0 is slower
+than the limit by work, not by waiting; steal shows the host's share of the drift between runs.
+
 --warm-rerun runs data_prep a second time with the same cache and output directory (its own
 complete output, which it replaces) and reports that time as a fraction of the first (goal < 10%).
 

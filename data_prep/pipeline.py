@@ -229,7 +229,7 @@ def prepare(cfg) -> Path:
     if _MALLOPT is not None:
         # Blocks of 1 MiB and more are mapped, and unmapped when freed. glibc otherwise raises that
         # threshold to the largest block freed (up to 32 MiB), and parquet's decoded pages, read
-        # through Python, then stayed in its heap: 0.3 GiB of the load stage's peak at WildChat-1M.
+        # through Python, then stayed in its heap: 0.17 GiB of the load stage's peak at WildChat-1M.
         _MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.chat_format)
     selection = select_conversations(cfg, start, get_format(cfg.chat_format).with_tokenizer_specials(tokenizer))
