@@ -33,9 +33,10 @@ completed and the cgroup's memory.max_usage_in_bytes (which also counts page cac
 the cgroup. Where no cgroup can be created it says so and runs uncapped.
 
 CPU: the machine's /proc/stat at the start and at each stage's end (the benchmark runs alone, so
-the machine's CPU is data_prep's): each stage's share of all cores' time busy, waiting on I/O,
-idle, and stolen by the VM's host; the same over the limit's run. A stage busy near 1.0 is slower
-than the limit by work, not by waiting; steal shows the host's share of the drift between runs.
+the machine's CPU is data_prep's): each stage's share of all cores' time busy (user and kernel
+apart), waiting on I/O, idle, and stolen by the VM's host; the same over the limit's run. A stage
+busy near 1.0 is slower than the limit by work, not by waiting; steal shows the host's share of the
+drift between runs.
 
 --warm-rerun runs data_prep a second time with the same cache and output directory (its own
 complete output, which it replaces) and reports that time as a fraction of the first (goal < 10%).
@@ -201,13 +202,14 @@ def rollup(pid: int) -> dict[str, int]:
 
 
 def machine_cpu() -> dict[str, float]:
-    """This machine's CPU seconds so far, all cores (/proc/stat): busy (user, nice, system, irq,
-    softirq), iowait, idle, and steal (taken by the VM's host: the drift between runs)."""
+    """This machine's CPU seconds so far, all cores (/proc/stat): user (and nice), kernel (system,
+    irq, softirq: page-cache reclaim and writeback under the memory cap land here), iowait, idle,
+    and steal (taken by the VM's host: the drift between runs)."""
     with open("/proc/stat") as f:
         user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
     tick = os.sysconf("SC_CLK_TCK")
-    return {"busy": (user + nice + system + irq + softirq) / tick, "iowait": iowait / tick, "idle": idle / tick,
-            "steal": steal / tick}
+    return {"user": (user + nice) / tick, "kernel": (system + irq + softirq) / tick, "iowait": iowait / tick,
+            "idle": idle / tick, "steal": steal / tick}
 
 
 class MemoryCgroup:
@@ -298,14 +300,16 @@ def run_data_prep(files_dir: Path, intents: Path, tokenizer_dir: Path, output_di
 
 
 def cpu_by_stage(cpu_at_stage_end: dict[str, dict[str, float]], stages=STAGES) -> dict[str, dict[str, float]]:
-    """Each stage's share of the machine's cores (all cores' seconds in it): busy, waiting on I/O,
-    idle, stolen by the host. Busy near 1.0 says the stage's gap to the limit is work, not waiting."""
+    """Each stage's share of the machine's cores (all cores' seconds in it): user, kernel, waiting
+    on I/O, idle, stolen by the host, and busy (user + kernel). Busy near 1.0 says the stage's gap to
+    the limit is work, not waiting; kernel, how much of that work is the kernel's."""
     out, previous = {}, cpu_at_stage_end["start"]
     for stage in stages:
         if stage in cpu_at_stage_end:
             spent = {k: cpu_at_stage_end[stage][k] - previous[k] for k in previous}
             total = sum(spent.values()) or 1.0
             out[stage] = {k: round(v / total, 3) for k, v in spent.items()}
+            out[stage]["busy"] = round((spent["user"] + spent["kernel"]) / total, 3)
             previous = cpu_at_stage_end[stage]
     return out
 
